@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned stack (idempotent: a complete venv is reused).
+# torch is pinned on every pip call: an unpinned one would pull another multi-GB build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.venv/.ntt-installed
+HASH=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then exit 0; fi
+TORCH="torch==2.14.1 torchvision==0.29.1"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/pip --disable-pip-version-check -q"
+$PIP install -U pip setuptools wheel
+$PIP install $TORCH
+# sam2: no build isolation (its build deps would fetch a CUDA torch) and no CUDA extension
+# (the optional hole-filling kernel, unused by the method).
+SAM2_BUILD_CUDA=0 $PIP install --no-build-isolation sam2==1.1.0 $TORCH
+$PIP install -r requirements.txt -r requirements-dev.txt $TORCH
+if [ "${NTT_WITH_RAY:-1}" = "1" ]; then $PIP install "ray[data]==2.60.0" $TORCH; fi
+$PIP install --no-deps --no-build-isolation -e .
+echo "$HASH" > "$STAMP"
