@@ -1,0 +1,82 @@
+"""Semantic-aware matching: proposal features, class scores and the overlap decay."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+
+def upsampling_matrix(source: int, target: int) -> torch.Tensor:
+    """(target, source) matrix of 1-D bilinear (antialiased, align_corners=False) resampling.
+
+    Bilinear resampling is separable and linear, so a 2-D resize of a map X is ``U @ X @ U.T``.
+    """
+    # Width 2, not 1: torch's antialiased kernel mishandles a width-1 input (all mass on row 0).
+    identity = torch.eye(source).reshape(source, 1, source, 1).expand(-1, -1, -1, 2)
+    columns = F.interpolate(
+        identity.contiguous(),
+        size=(target, 2),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
+    return columns[:, 0, :, 0].T.contiguous()
+
+
+def pooled_features(tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the upsampled token map over each mask, L2-normalised.
+
+    tokens: (h, w, C) DINOv2 patch tokens of the target; masks: (P, H, W) bool at the low-res
+    mask size. Equals upsampling the tokens to (H, W) and averaging under each mask, but costs
+    two small matrix products per proposal instead of an (H*W) x C map: the mask is pooled onto
+    the token grid by the transpose of the upsampling, then one product with the tokens.
+    Returns (features (P, C), valid (P,)); masks with no pixel have no feature (valid False).
+    """
+    grid_h, grid_w, channels = tokens.shape
+    rows = upsampling_matrix(grid_h, masks.shape[1]).to(tokens.device)
+    cols = upsampling_matrix(grid_w, masks.shape[2]).to(tokens.device)
+    weights = masks.float()
+    pooled = rows.T @ weights @ cols  # (P, h, w): each mask seen on the token grid
+    sums = pooled.flatten(1) @ tokens.reshape(-1, channels).float()
+    areas = weights.flatten(1).sum(dim=1)
+    valid = areas > 0
+    means = sums / areas.clamp(min=1)[:, None]
+    return F.normalize(means, dim=1), valid
+
+
+def semantic_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(P, K) scores ``max(0, cos(feature, prototype))`` for normalised inputs."""
+    return (features @ prototypes.T).clamp(min=0)
+
+
+def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best class per proposal: (score (P,), label (P,)); one class per mask."""
+    best, labels = scores.max(dim=1)
+    return best, labels
+
+
+def overlap_decay(
+    scores: torch.Tensor, labels: torch.Tensor, features: torch.Tensor, rles: list[dict]
+) -> torch.Tensor:
+    """Semantic-aware overlap decay, applied within each class in the given order.
+
+    For proposal i, ``ios_i = max_{j before i} |M_i ∩ M_j| / |M_i| * max(0, cos(f_i, f_j))`` and
+    the score becomes ``score_i * sqrt(1 - ios_i)``. A proposal covered by an earlier, similar
+    looking one of the same class (a part of the same object, typically) loses confidence.
+    """
+    decayed = scores.clone()
+    for label in labels.unique().tolist():
+        members = torch.nonzero(labels == label).flatten()
+        if members.numel() < 2:
+            continue
+        member_rles = [rles[i] for i in members.tolist()]
+        # pycocotools' crowd IoU is |dt ∩ gt| / |dt|: exactly the intersection-over-self.
+        crowd = np.ones(len(member_rles), dtype=np.uint8)
+        ios = torch.from_numpy(np.asarray(mask_utils.iou(member_rles, member_rles, crowd)))
+        similarity = (features[members] @ features[members].T).clamp(min=0)
+        weighted = (ios.float() * similarity.float()).tril(diagonal=-1)
+        max_overlap = weighted.max(dim=1).values.clamp(0, 1)
+        decayed[members] = scores[members] * torch.sqrt(1 - max_overlap)
+    return decayed

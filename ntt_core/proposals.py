@@ -1,0 +1,113 @@
+"""SAM2 mask proposals from a regular point grid, and the container that carries them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+
+@dataclass
+class Proposals:
+    """Parallel per-proposal arrays for one target image; independent of any memory bank.
+
+    ``logits`` (low-resolution mask logits) is what the straight pipeline keeps; ``compact()``
+    replaces it by full-resolution RLE masks so the proposals can be cached and re-scored.
+    """
+
+    image_size: tuple[int, int]
+    """Original (H, W) of the target image."""
+    pred_iou: torch.Tensor
+    """(P,) SAM2's predicted IoU of each proposal."""
+    boxes: torch.Tensor
+    """(P, 4) xyxy boxes of the low-resolution masks (used for NMS)."""
+    features: torch.Tensor
+    """(P, C) L2-normalised DINOv2 feature of each proposal."""
+    logits: torch.Tensor | None = None
+    """(P, h, w) low-resolution mask logits, or None once compacted."""
+    rles: list[dict] | None = None
+    """Full-resolution COCO RLE masks, present once compacted."""
+
+    def __len__(self) -> int:
+        return int(self.pred_iou.shape[0])
+
+    def select(self, keep: torch.Tensor) -> Proposals:
+        """The proposals at ``keep`` (bool mask or indices), all arrays kept in step."""
+        index = torch.nonzero(keep).flatten() if keep.dtype == torch.bool else keep
+        values = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, torch.Tensor):
+                value = value[index]
+            elif isinstance(value, list):
+                value = [value[i] for i in index.tolist()]
+            values[item.name] = value
+        return Proposals(**values)
+
+
+def point_grid(points_per_side: int, image_size: int) -> torch.Tensor:
+    """(N, 2) xy prompt points on a regular grid in the square SAM input frame (pixel centres)."""
+    axis = torch.linspace(0, image_size - 1, points_per_side) + 0.5
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+
+
+def sam2_predictor(sam_model: torch.nn.Module) -> SAM2ImagePredictor:
+    """SAM2's image predictor, told the feature-map sizes of a non-1024 input."""
+    predictor = SAM2ImagePredictor(sam_model)
+    size = sam_model.image_size
+    # The predictor hard-codes the 1024 input's backbone sizes; smaller inputs scale them.
+    predictor._bb_feat_sizes = [
+        (size // 4, size // 4),
+        (size // 8, size // 8),
+        (size // 16, size // 16),
+    ]
+    return predictor
+
+
+@torch.inference_mode()
+def decode_points(
+    predictor: SAM2ImagePredictor, points: torch.Tensor, points_per_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single-point prompts -> best-of-three low-res logits (N, h, w) and predicted IoU (N,).
+
+    The image must already be set on the predictor. Decoding goes straight through the prompt
+    encoder and mask decoder, so masks are never upsampled to the input size (the predictor's
+    ``predict`` would materialise (N, 3, 1024, 1024) floats).
+    """
+    model = predictor.model
+    features = predictor._features
+    image_embed = features["image_embed"]
+    high_res = [level[-1:] for level in features["high_res_feats"]]
+    dense_pe = model.sam_prompt_encoder.get_dense_pe()
+    best_logits, best_iou = [], []
+    for chunk in points.split(points_per_batch):
+        coords = chunk.to(image_embed.device, torch.float32)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        logits, iou, _, _ = model.sam_mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            repeat_image=True,
+            high_res_features=high_res,
+        )
+        best = iou.argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        # Clamped like the predictor's own low-res output (the sign, hence the mask, is unchanged).
+        best_logits.append(logits[rows, best].float().clamp_(-32.0, 32.0))
+        best_iou.append(iou[rows, best].float())
+    return torch.cat(best_logits), torch.cat(best_iou)
+
+
+@torch.inference_mode()
+def decode_box(predictor: SAM2ImagePredictor, box_xyxy: np.ndarray) -> np.ndarray:
+    """SAM2's single-mask answer to a box prompt, at the image's original size (bool H x W)."""
+    masks, _, _ = predictor.predict(
+        box=np.asarray(box_xyxy, dtype=np.float32), multimask_output=False
+    )
+    return masks[0].astype(bool)

@@ -1,0 +1,66 @@
+"""The per-image result: instances with boxes, scores, classes and RLE masks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+@dataclass
+class Instances:
+    """Predicted instances of one image, best first."""
+
+    image_size: tuple[int, int]
+    """(H, W) of the image the masks cover."""
+    boxes: np.ndarray
+    """(N, 4) float32 xyxy in pixels (tight, pixel-inclusive boxes of the masks)."""
+    scores: np.ndarray
+    """(N,) float32 confidences in [0, 1]."""
+    labels: np.ndarray
+    """(N,) int64 index into ``class_names``."""
+    class_names: list[str]
+    rles: list[dict]
+    """COCO RLE of each full-resolution mask (``counts`` as str, JSON-ready)."""
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int], class_names: list[str]) -> Instances:
+        return cls(
+            image_size=image_size,
+            boxes=np.zeros((0, 4), dtype=np.float32),
+            scores=np.zeros(0, dtype=np.float32),
+            labels=np.zeros(0, dtype=np.int64),
+            class_names=list(class_names),
+            rles=[],
+        )
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self.class_names[i] for i in self.labels.tolist()]
+
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool full-resolution masks."""
+        if not self.rles:
+            return np.zeros((0, *self.image_size), dtype=bool)
+        return mask_utils.decode(self.rles).transpose(2, 0, 1).astype(bool)
+
+    def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict]:
+        """COCO results entries (xywh boxes, RLE segmentation) for pycocotools' COCOeval."""
+        results = []
+        for box, score, name, rle in zip(self.boxes, self.scores, self.label_names, self.rles):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(category_ids[name]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                    "segmentation": rle,
+                }
+            )
+        return results

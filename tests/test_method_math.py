@@ -1,0 +1,147 @@
+"""The method's arithmetic on tiny tensors whose answers can be worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from ntt_core.bank import class_prototypes
+from ntt_core.matching import (
+    assign_classes,
+    overlap_decay,
+    pooled_features,
+    semantic_scores,
+    upsampling_matrix,
+)
+from ntt_core.postprocess import logits_to_rles, nms_order, rle_boxes_xyxy
+from ntt_core.proposals import point_grid
+from ntt_core.references import context_crop, mask_box_xywh, masked_mean_features
+
+
+def _rle(mask: np.ndarray) -> dict:
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def test_context_crop_by_hand():
+    # box (10, 20, 30, 40): corners 10,20,40,60; centre (25, 40); side 40 * 1.2 = 48.
+    assert context_crop((10, 20, 30, 40), (100, 100), 0.2) == (1, 16, 49, 64)
+    # At a border the crop is clipped, so it is no longer square.
+    assert context_crop((0, 0, 10, 10), (100, 100), 0.2) == (0, 0, 11, 11)
+
+
+def test_mask_box_is_pixel_inclusive():
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 3:9] = True
+    assert mask_box_xywh(mask) == (3.0, 2.0, 6.0, 3.0)
+
+
+def test_masked_mean_uses_soft_weights_on_the_token_grid():
+    tokens = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[0.0, 2.0], [0.0, 4.0]]])[None]  # (1,2,2,2)
+    soft = torch.tensor([[1.0, 0.5], [0.0, 0.0]])[None]  # already at the token grid
+    # (1 * [1, 0] + 0.5 * [3, 0]) / 1.5 = [2.5 / 1.5, 0]
+    assert torch.allclose(masked_mean_features(tokens, soft), torch.tensor([[2.5 / 1.5, 0.0]]))
+
+
+def test_prototype_is_normalised_class_mean():
+    features = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 0, 1])
+    protos = class_prototypes(features, labels, 2)
+    assert torch.allclose(protos, torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)], [0.0, 1.0]]))
+
+
+def test_semantic_scores_clip_negative_similarity():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    protos = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scores = semantic_scores(features, protos)
+    assert torch.allclose(scores, torch.tensor([[1.0, 0.6], [0.0, 0.8], [0.0, 0.0]]))
+    best, labels = assign_classes(scores)
+    assert best.tolist() == pytest.approx([1.0, 0.8, 0.0])
+    assert labels.tolist()[:2] == [0, 1]
+
+
+def test_upsampling_matrix_matches_interpolate():
+    tokens = torch.randn(5, 7)
+    direct = F.interpolate(
+        tokens[None, None], size=(20, 31), mode="bilinear", align_corners=False, antialias=True
+    )[0, 0]
+    separable = upsampling_matrix(5, 20) @ tokens @ upsampling_matrix(7, 31).T
+    assert torch.allclose(direct, separable, atol=1e-5)
+
+
+def test_pooled_features_equal_mean_of_upsampled_tokens():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 4, 3, generator=generator)
+    masks = torch.rand(3, 16, 16, generator=generator) > 0.6
+    masks[2] = False  # an empty proposal has no feature
+    features, valid = pooled_features(tokens, masks)
+    upsampled = F.interpolate(
+        tokens.permute(2, 0, 1)[None],
+        size=(16, 16),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )[0].permute(1, 2, 0)
+    for i in range(2):
+        expected = F.normalize(upsampled[masks[i]].mean(0), dim=0)
+        assert torch.allclose(features[i], expected, atol=1e-5)
+    assert valid.tolist() == [True, True, False]
+
+
+def test_overlap_decay_by_hand():
+    big = np.zeros((8, 8), bool)
+    big[0:4, 0:4] = True  # 16 px
+    part = np.zeros((8, 8), bool)
+    part[0:2, 0:4] = True  # 8 px, all inside `big`
+    other = np.zeros((8, 8), bool)
+    other[6:8, 6:8] = True
+    rles = [_rle(big), _rle(part), _rle(other), _rle(part)]
+    features = F.normalize(
+        torch.tensor([[1.0, 0.0], [0.5, math.sqrt(0.75)], [1.0, 0.0], [1.0, 0.0]]), dim=1
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 0, 1])
+    decayed = overlap_decay(scores, labels, features, rles)
+    # `part` lies wholly in `big` (ios 1) with cos 0.5 -> 0.8 * sqrt(1 - 0.5);
+    # `other` overlaps nothing; the class-1 proposal has nothing before it in its class.
+    assert decayed.tolist() == pytest.approx([0.9, 0.8 * math.sqrt(0.5), 0.7, 0.6])
+
+
+def test_overlap_decay_is_order_dependent():
+    big = np.zeros((8, 8), bool)
+    big[0:4, 0:4] = True
+    part = np.zeros((8, 8), bool)
+    part[0:2, 0:4] = True
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # big after part: |big ∩ part| / |big| = 8 / 16, cos 1 -> 0.9 * sqrt(0.5)
+    decayed = overlap_decay(
+        torch.tensor([0.8, 0.9]), torch.tensor([0, 0]), features, [_rle(part), _rle(big)]
+    )
+    assert decayed.tolist() == pytest.approx([0.8, 0.9 * math.sqrt(0.5)])
+
+
+def test_nms_ranks_by_predicted_iou_not_semantic_score():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30], [0, 0, 10, 10]])
+    pred_iou = torch.tensor([0.5, 0.9, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 0, 1])
+    order = nms_order(boxes, pred_iou, labels, iou_threshold=0.5, limit=800)
+    # Box 1 (IoU 0.9) suppresses box 0; box 3 is another class so it survives.
+    assert order.tolist() == [1, 2, 3]
+    assert nms_order(boxes, pred_iou, labels, 0.5, limit=2).tolist() == [1, 2]
+
+
+def test_point_grid_is_pixel_centred_linspace():
+    grid = point_grid(2, 4)
+    assert grid.tolist() == [[0.5, 0.5], [3.5, 0.5], [0.5, 3.5], [3.5, 3.5]]
+    assert point_grid(32, 1024).shape == (1024, 2)
+
+
+def test_logits_become_full_resolution_masks_and_tight_boxes():
+    logits = torch.full((1, 4, 4), -5.0)
+    logits[0, 1:3, 1:3] = 5.0
+    (rle,) = logits_to_rles(logits, (8, 8))
+    mask = mask_utils.decode(rle).astype(bool)
+    assert mask[2:6, 2:6].all() and mask.sum() == 16
+    assert rle_boxes_xyxy([rle]).tolist() == [[2.0, 2.0, 6.0, 6.0]]
