@@ -65,14 +65,14 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
         span = max(float(values.max() - values.min()), 1e-12)
         gray = ((values - values.min()) / span * 255.0 + 0.5).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def resize_square_pil(image: np.ndarray, size: int) -> np.ndarray:
     """Squashes an RGB image to size x size with PIL's bicubic filter (the target resize)."""
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return np.array(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
 def to_float_chw(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -39,6 +39,12 @@ class NTTPredictor:
         self._grid = point_grid(self.config.points_per_side, self.config.sam_image_size)
 
     @property
+    def points_per_batch(self) -> int:
+        if self.config.points_per_batch is not None:
+            return self.config.points_per_batch
+        return 256 if self.device.type == "cuda" else 4
+
+    @property
     def encoder_identity(self) -> str:
         """What a bank records as its encoder: the model, and whether its weights are random."""
         suffix = " (random weights)" if self.config.weights == "random" else ""
@@ -84,7 +90,7 @@ class NTTPredictor:
         with self._autocast():
             tokens = self._target_tokens(square)
             self._sam.set_image(square)
-            logits, pred_iou = decode_points(self._sam, self._grid, config.points_per_batch)
+            logits, pred_iou = decode_points(self._sam, self._grid, self.points_per_batch)
         keep = pred_iou > config.pred_iou_threshold
         logits, pred_iou = logits[keep], pred_iou[keep]
         masks = logits > 0

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .coco import results_from_detections
+
 
 @dataclass
 class Instances:
@@ -51,16 +53,7 @@ class Instances:
 
     def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict]:
         """COCO results entries (xywh boxes, RLE segmentation) for pycocotools' COCOeval."""
-        results = []
-        for box, score, name, rle in zip(self.boxes, self.scores, self.label_names, self.rles):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": int(category_ids[name]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": float(score),
-                    "segmentation": rle,
-                }
-            )
-        return results
+        boxes_xywh = self.boxes.copy()
+        boxes_xywh[:, 2:] -= boxes_xywh[:, :2]
+        categories = [category_ids[name] for name in self.label_names]
+        return results_from_detections(image_id, boxes_xywh, self.scores, categories, self.rles)
