@@ -38,10 +38,11 @@ STAT_NAMES = tuple(s[0] for s in STATS)
 def encode_mask(mask: np.ndarray) -> dict:
     """A boolean HxW mask as a JSON-ready compressed RLE (``counts`` as str)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return _json_ready(rle)
+    return json_ready_rle(rle)
 
 
-def _json_ready(rle: Mapping) -> dict:
+def json_ready_rle(rle: Mapping) -> dict:
+    """An RLE with str counts (pycocotools gives bytes), ready for JSON and BSON."""
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
@@ -70,7 +71,7 @@ def results_from_detections(
         if len(rles) != len(results):
             raise ValueError(f"{len(rles)} masks for {len(results)} detections")
         for result, rle in zip(results, rles, strict=True):
-            result["segmentation"] = _json_ready(rle)
+            result["segmentation"] = json_ready_rle(rle)
     return results
 
 

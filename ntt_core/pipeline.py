@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .bank import MemoryBank
+from .coco import json_ready_rle
 from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
@@ -126,7 +127,7 @@ class NTTPredictor:
         kept, scores, labels = kept.select(nonempty), scores[nonempty], labels[nonempty]
         scores = overlap_decay(scores, labels, kept.features, rles)
         top = torch.sort(scores, descending=True, stable=True).indices[: config.max_detections]
-        rles = [_json_rle(rles[i]) for i in top.tolist()]
+        rles = [json_ready_rle(rles[i]) for i in top.tolist()]
         return Instances(
             image_size=tuple(proposals.image_size),
             boxes=rle_boxes_xyxy(rles),
@@ -168,11 +169,3 @@ class NTTPredictor:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-
-
-def _json_rle(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {
-        "size": list(rle["size"]),
-        "counts": counts.decode() if isinstance(counts, bytes) else counts,
-    }

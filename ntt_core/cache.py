@@ -1,0 +1,111 @@
+"""Cached proposals: re-scoring a target against a new bank without running the models again.
+
+Proposals and their features depend on the image and the frozen models, never on the bank, so
+they are stored once per image (compacted: full-resolution RLE masks, no logits) and a changed
+bank reruns only ``NTTPredictor.score``. An entry is keyed by the sample, and checked against the
+image file's checksum and the identity of everything that shaped the proposals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Protocol
+
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from .coco import json_ready_rle
+from .config import NTTConfig
+from .pipeline import NTTPredictor
+from .proposals import Proposals
+from .result import Instances
+
+CACHE_FORMAT = "ntt-proposals"
+CACHE_VERSION = 1
+
+
+class ProposalStore(Protocol):
+    """Where cached proposals live (FiftyOne's ExecutionStore in the plugin, a dict in tests)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes) -> None: ...
+
+
+def proposal_identity(config: NTTConfig) -> str:
+    """A short hash of every setting that changes proposals (not the bank-side ones)."""
+    fields = (
+        "sam_model", "sam_config", "encoder_model", "weights", "sam_image_size",
+        "encoder_image_size", "points_per_side", "pred_iou_threshold",
+    )  # fmt: skip
+    described = json.dumps({name: getattr(config, name) for name in fields}, sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def file_checksum(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def proposals_to_bytes(proposals: Proposals, checksum: str, identity: str) -> bytes:
+    if proposals.rles is None:
+        raise ValueError("Compact the proposals (NTTPredictor.compact) before caching them")
+    tensors = {
+        "pred_iou": proposals.pred_iou.float().contiguous(),
+        "boxes": proposals.boxes.float().contiguous(),
+        "features": proposals.features.float().contiguous(),
+    }
+    header = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "checksum": checksum,
+        "identity": identity,
+        "image_size": list(proposals.image_size),
+        "rles": [json_ready_rle(rle) for rle in proposals.rles],
+    }
+    return save_tensors(tensors, metadata={"ntt_proposals": json.dumps(header)})
+
+
+def proposals_from_bytes(blob: bytes, checksum: str, identity: str) -> Proposals | None:
+    """The cached proposals, or None when the entry is stale, foreign or unreadable."""
+    try:
+        (length,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(json.loads(blob[8 : 8 + length])["__metadata__"]["ntt_proposals"])
+        tensors = load_tensors(blob)
+    except Exception:  # a damaged entry is recomputed, never trusted
+        return None
+    expected = (CACHE_FORMAT, CACHE_VERSION, checksum, identity)
+    found = tuple(header.get(k) for k in ("format", "version", "checksum", "identity"))
+    if found != expected or len(header["rles"]) != tensors["pred_iou"].shape[0]:
+        return None
+    return Proposals(
+        image_size=tuple(header["image_size"]),
+        pred_iou=tensors["pred_iou"],
+        boxes=tensors["boxes"],
+        features=tensors["features"],
+        rles=[{"size": rle["size"], "counts": rle["counts"].encode()} for rle in header["rles"]],
+    )
+
+
+def predict_cached(
+    predictor: NTTPredictor, image_path: str | Path, bank, store: ProposalStore, key: str
+) -> tuple[Instances, bool]:
+    """Scores cached proposals when the store has a valid entry, else computes and stores them.
+
+    Returns the instances and whether the cache was used.
+    """
+    checksum = file_checksum(image_path)
+    identity = proposal_identity(predictor.config)
+    blob = store.get(key)
+    proposals = proposals_from_bytes(blob, checksum, identity) if blob else None
+    hit = proposals is not None
+    if not hit:
+        proposals = predictor.compact(predictor.propose(image_path))
+        store.set(key, proposals_to_bytes(proposals, checksum, identity))
+    return predictor.score(proposals, bank), hit
