@@ -1,0 +1,111 @@
+"""The Ray Data path gives the single-process answers, image for image (local Ray, 2 CPU actors)."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs the extra: pip install .[ray]")
+
+from ntt_core import NTTConfig, NTTPredictor, Reference  # noqa: E402
+from ntt_core.ray_backend import predict_or_error, segment_on_ray  # noqa: E402
+from ntt_core.synthetic import make_scene  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+CLASSES = ["disc", "square", "triangle"]
+CONFIG = NTTConfig.tiny(weights="random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def predictor() -> NTTPredictor:
+    return NTTPredictor(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    rng = np.random.default_rng(11)
+    return [make_scene(rng, 110 + 10 * i, 150 - 5 * i, CLASSES) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def bank(predictor, scenes):
+    references = [
+        Reference(image, inst.mask, inst.label, f"ref{i}:{j}", inst.box_xywh)
+        for i, (image, instances) in enumerate(scenes[:2])
+        for j, inst in enumerate(instances)
+    ]
+    return predictor.build_bank(references)
+
+
+@pytest.fixture(scope="module")
+def items(scenes, tmp_path_factory) -> list[tuple[str, str]]:
+    """Six generated PNG targets and one corrupt file, as (sample id, path)."""
+    root = tmp_path_factory.mktemp("ray-images")
+    items = []
+    for i, (image, _) in enumerate(scenes[2:]):
+        path = root / f"target{i}.png"
+        Image.fromarray(image).save(path)
+        items.append((f"sample{i}", str(path)))
+    corrupt = root / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    items.append(("corrupt", str(corrupt)))
+    return items
+
+
+@pytest.fixture(scope="module")
+def expected(predictor, bank, items):
+    return {sample_id: predict_or_error(predictor, path, bank) for sample_id, path in items}
+
+
+def _assert_same(results, expected) -> None:
+    assert sorted(sample_id for sample_id, _, _ in results) == sorted(expected)
+    for sample_id, instances, error in results:
+        want, want_error = expected[sample_id]
+        assert error == want_error, sample_id
+        if want is None:
+            assert instances is None
+            continue
+        assert instances.image_size == want.image_size
+        assert instances.rles == want.rles
+        np.testing.assert_array_equal(instances.labels, want.labels)
+        np.testing.assert_array_equal(instances.boxes, want.boxes)
+        np.testing.assert_allclose(instances.scores, want.scores, rtol=0, atol=1e-6)
+        assert instances.class_names == want.class_names
+
+
+def test_ray_matches_single_process_and_reports_bad_images(local_ray, bank, items, expected):
+    results = list(segment_on_ray(items, bank.to_bytes(), CONFIG, num_actors=2, batch_size=2))
+    _assert_same(results, expected)
+    assert sum(len(instances) for _, instances, _ in results if instances) > 0
+    errors = {sample_id: error for sample_id, _, error in results if error}
+    assert list(errors) == ["corrupt"] and errors["corrupt"].startswith("ImageError: ")
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes(local_ray, bank, items, expected):
+    psutil = pytest.importorskip("psutil")
+    results = []
+    for result in segment_on_ray(items, bank.to_bytes(), CONFIG, num_actors=2, batch_size=1):
+        if not results:
+            _kill_one_segment_worker(psutil)
+        results.append(result)
+    _assert_same(results, expected)
+
+
+def _kill_one_segment_worker(psutil) -> None:
+    # Only this test's own Ray workers: descendants of this process (its local cluster).
+    workers = [
+        process
+        for process in psutil.Process(os.getpid()).children(recursive=True)
+        if "SegmentActor" in " ".join(process.cmdline())
+    ]
+    assert workers, "no SegmentActor worker found to kill"
+    workers[0].kill()
