@@ -1,0 +1,352 @@
+"""The ``ntt`` command line: the paper's COCO benchmark, and the plugin's steps from a shell.
+
+``ntt reproduce`` runs the whole few-shot COCO protocol; ``sample``, ``build-bank``, ``segment``,
+``evaluate`` and ``banks`` are thin wrappers over ``ntt_operators.api`` for any FiftyOne dataset.
+Input errors print one line to stderr and exit with code 2, like argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ntt_core.coco import format_paper_table
+from ntt_core.config import NTTConfig
+from ntt_core.errors import NTTError
+from ntt_core.fewshot import split_classes
+
+EXIT_INPUT_ERROR = 2
+# Flags that map one-to-one onto NTTConfig fields (dest name == field name).
+_CONFIG_FLAGS = (
+    ("--sam-model", str, "SAM2 registry name (e.g. sam2_hiera_large) or local checkpoint path"),
+    ("--encoder-model", str, "DINOv2 registry name (e.g. dinov2_vitl14) or local .pth path"),
+    ("--weights", str, "'official' checkpoints, or 'random' (untrained: plumbing checks only)"),
+    ("--device", str, "auto, cpu, cuda or cuda:N"),
+    ("--precision", str, "fp32, bf16 or fp16 (GPU only)"),
+    ("--points-per-side", int, "prompt grid side (the paper: 32)"),
+    ("--points-per-batch", int, "prompts per mask-decoder call (memory only)"),
+    ("--sam-image-size", int, "SAM2 input side (the paper: 1024)"),
+    ("--encoder-image-size", int, "DINOv2 input side (the paper: 518)"),
+)
+RANDOM_WEIGHTS_WARNING = (
+    "!" * 88 + "\n"
+    "!!! WARNING: --weights random: the models are UNTRAINED. This run only checks the\n"
+    "!!! plumbing; the numbers below MEAN NOTHING and must not be reported.\n" + "!" * 88
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (NTTError, ValueError) as error:
+        print(f"ntt: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntt",
+        description="No Time to Train! (arXiv 2507.02798): training-free reference-based "
+        "instance segmentation with SAM2 + DINOv2, on FiftyOne datasets.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_reproduce(commands)
+    _add_sample(commands)
+    _add_build_bank(commands)
+    _add_segment(commands)
+    _add_evaluate(commands)
+    _add_banks(commands)
+    return parser
+
+
+# -- shared options ---------------------------------------------------------------------------
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model settings (defaults: the paper's)")
+    group.add_argument(
+        "--tiny",
+        action="store_true",
+        help="start from NTTConfig.tiny(): SAM2.1 hiera-tiny + DINOv2 ViT-S/14 at small sizes",
+    )
+    for flag, kind, text in _CONFIG_FLAGS:
+        group.add_argument(flag, type=kind, default=None, help=text)
+
+
+def config_from_args(args: argparse.Namespace, base: NTTConfig | None = None) -> NTTConfig | None:
+    """``base`` (or the paper's config) changed by the flags given; None when none was given."""
+    changes = {}
+    for flag, _, _ in _CONFIG_FLAGS:
+        name = flag[2:].replace("-", "_")
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.tiny:
+        return NTTConfig.tiny(**changes)
+    if not changes:
+        return None
+    return (base or NTTConfig()).replace(**changes)
+
+
+def _classes(text: str | None) -> list[str] | None:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _load_dataset(name: str):
+    import fiftyone as fo  # imported late: `ntt --help` should not start a database
+
+    if not fo.dataset_exists(name):
+        raise ValueError(f"FiftyOne dataset {name!r} does not exist; see `fiftyone datasets list`")
+    return fo.load_dataset(name)
+
+
+def _api():
+    from ntt_operators import api
+
+    return api
+
+
+# -- reproduce --------------------------------------------------------------------------------
+
+
+def _add_reproduce(commands) -> None:
+    p = commands.add_parser(
+        "reproduce",
+        help="the paper's COCO few-shot benchmark, end to end",
+        description="Samples N-shot references from COCO train2017 exactly as the paper does, "
+        "imports them and val2017 into FiftyOne, builds the memory bank, segments val2017 and "
+        "prints pycocotools' bbox/segm results for the split's classes, plus FiftyOne's mAP.",
+    )
+    p.add_argument(
+        "--coco-root",
+        type=Path,
+        required=True,
+        help="holds train2017/, val2017/, annotations/instances_{train,val}2017.json",
+    )
+    p.add_argument("--shots", type=int, default=30)
+    p.add_argument("--seed", type=int, default=33)
+    p.add_argument(
+        "--split", choices=("few_shot_classes", "all_classes"), default="few_shot_classes"
+    )
+    p.add_argument(
+        "--classes",
+        help="comma-separated class names replacing the split's (for COCO-format data of your own)",
+    )
+    p.add_argument("--max-samples", type=int, help="only the first N val2017 images")
+    p.add_argument("--dataset-name", help="FiftyOne dataset (default: ntt-coco2017[-valN])")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep an existing bank and skip images already segmented",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="never download; stop at the first missing file",
+    )
+    p.add_argument("--coco-url", default=None, help="a mirror of http://images.cocodataset.org")
+    _add_config_flags(p)
+    p.set_defaults(handler=_reproduce)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from ntt_operators.coco_protocol import COCO_URL, ReproduceSettings, reproduce
+
+    config = config_from_args(args) or NTTConfig()
+    settings = ReproduceSettings(
+        coco_root=args.coco_root,
+        shots=args.shots,
+        seed=args.seed,
+        classes=_classes(args.classes) or split_classes(args.split),
+        split=args.split if args.classes is None else "custom",
+        config=config,
+        max_samples=args.max_samples,
+        dataset_name=args.dataset_name,
+        download=args.download,
+        base_url=args.coco_url or COCO_URL,
+        resume=args.resume,
+        batch_size=args.batch_size,
+    )
+    random = config.weights == "random"
+    if random:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    report = reproduce(settings, log=_timed_log())
+    _print_report(report, settings, random)
+    return 0
+
+
+def _timed_log():
+    start = time.monotonic()
+    return lambda line: print(f"[{time.monotonic() - start:7.1f}s] {line}", file=sys.stderr)
+
+
+def _print_report(report, settings, random: bool) -> None:
+    if random:
+        print(RANDOM_WEIGHTS_WARNING)
+    print(
+        f"COCO few-shot: {settings.split} ({len(settings.classes)} classes), "
+        f"{settings.shots} shots, seed {settings.seed}; {report.num_images} val2017 images, "
+        f"{report.num_predictions} predictions in {report.dataset!r}.{report.label_field}\n"
+    )
+    print(format_paper_table(report.stats))
+    print(
+        f"\nFiftyOne mAP (segm, masks; eval key {report.eval_key!r}): {report.fiftyone_map:.3f}"
+        "\n(FiftyOne ignores COCO's crowd rule for masks, so it can read a little below "
+        "pycocotools.)"
+    )
+    if random:
+        print(RANDOM_WEIGHTS_WARNING)
+
+
+# -- the plugin's steps -----------------------------------------------------------------------
+
+
+def _add_dataset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="FiftyOne dataset name")
+
+
+def _add_sample(commands) -> None:
+    p = commands.add_parser("sample", help="tag N-shot references per class (paper's protocol)")
+    _add_dataset_flag(p)
+    p.add_argument("--gt-field", required=True, help="Detections field with instance masks")
+    p.add_argument("--shots", type=int, required=True)
+    p.add_argument("--seed", type=int, default=33)
+    p.add_argument("--tag", default="reference")
+    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.set_defaults(handler=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    picks = _api().sample_references(
+        _load_dataset(args.dataset),
+        args.gt_field,
+        args.shots,
+        seed=args.seed,
+        tag=args.tag,
+        classes=_classes(args.classes),
+    )
+    for label, ids in picks.items():
+        print(f"{label}: {len(ids)} references")
+    print(f"tagged {sum(map(len, picks.values()))} instances {args.tag!r}")
+    return 0
+
+
+def _add_build_bank(commands) -> None:
+    p = commands.add_parser("build-bank", help="encode tagged references into a memory bank")
+    _add_dataset_flag(p)
+    p.add_argument("--gt-field", required=True)
+    p.add_argument("--bank", required=True, help="memory bank name")
+    p.add_argument("--ref-tag", default="reference")
+    p.add_argument("--tag-type", choices=("label", "sample"), default="label")
+    p.add_argument("--classes", help="comma-separated class names (default: all tagged)")
+    _add_config_flags(p)
+    p.set_defaults(handler=_build_bank)
+
+
+def _build_bank(args: argparse.Namespace) -> int:
+    bank = _api().build_memory_bank(
+        _load_dataset(args.dataset),
+        args.gt_field,
+        args.bank,
+        ref_tag=args.ref_tag,
+        tag_type=args.tag_type,
+        classes=_classes(args.classes),
+        config=config_from_args(args),
+    )
+    print(f"memory bank {args.bank!r}: {len(bank.ref_ids)} references, classes {bank.classes}")
+    return 0
+
+
+def _add_segment(commands) -> None:
+    p = commands.add_parser("segment", help="segment a dataset with a memory bank")
+    _add_dataset_flag(p)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--label-field", default="ntt")
+    p.add_argument("--ref-tag", default="reference", help="samples with this tag are skipped")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--skip-done", action="store_true")
+    p.add_argument("--batch-size", type=int, default=16)
+    _add_config_flags(p)
+    p.set_defaults(handler=_segment)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    api, dataset = _api(), _load_dataset(args.dataset)
+    # Flags adjust the bank's own settings: a bank only matches the encoder it was built with.
+    recorded = NTTConfig.from_dict(api.memory_bank_config(dataset, args.bank)["ntt_config"])
+    summary = api.segment(
+        dataset,
+        args.bank,
+        args.label_field,
+        exclude_tag=args.ref_tag,
+        overwrite=args.overwrite,
+        skip_done=args.skip_done,
+        config=config_from_args(args, recorded),
+        batch_size=args.batch_size,
+    )
+    print(", ".join(f"{key}: {value}" for key, value in summary.items()))
+    return 0
+
+
+def _add_evaluate(commands) -> None:
+    p = commands.add_parser("evaluate", help="FiftyOne COCO-style mask evaluation")
+    _add_dataset_flag(p)
+    p.add_argument("--pred-field", required=True)
+    p.add_argument("--gt-field", required=True)
+    p.add_argument("--eval-key", required=True)
+    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    classes = _classes(args.classes)
+    results = _api().evaluate(
+        _load_dataset(args.dataset),
+        args.pred_field,
+        args.gt_field,
+        args.eval_key,
+        classes=classes,
+    )
+    print(f"mAP: {results.mAP(classes=classes):.3f}")
+    return 0
+
+
+def _add_banks(commands) -> None:
+    p = commands.add_parser("banks", help="list, inspect or delete a dataset's memory banks")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the dataset's memory banks")
+    _add_dataset_flag(listing)
+    listing.set_defaults(handler=_banks_list)
+    for name, handler in (("info", _banks_info), ("delete", _banks_delete)):
+        action = actions.add_parser(name, help=f"{name} one memory bank")
+        _add_dataset_flag(action)
+        action.add_argument("--bank", required=True)
+        action.set_defaults(handler=handler)
+
+
+def _banks_list(args: argparse.Namespace) -> int:
+    for name in _api().list_memory_banks(_load_dataset(args.dataset)):
+        print(name)
+    return 0
+
+
+def _banks_info(args: argparse.Namespace) -> int:
+    info = _api().memory_bank_info(_load_dataset(args.dataset), args.bank)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _banks_delete(args: argparse.Namespace) -> int:
+    _api().delete_memory_bank(_load_dataset(args.dataset), args.bank)
+    print(f"deleted memory bank {args.bank!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
