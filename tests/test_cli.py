@@ -211,3 +211,19 @@ def test_the_four_steps_on_an_existing_dataset(tmp_path):
     # Writing into the same field again is refused with one line, not a traceback.
     code, _, err = run_cli(*steps[2])
     assert code == 2 and "already exists" in err and "Traceback" not in err
+
+
+def test_main_job_offline_stops_at_the_first_missing_file(tmp_path):
+    root = tmp_path / "no-coco"
+    done = subprocess.run(
+        ["bash", "scripts/main_job.sh", "--no-download", "--weights", "random"],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "COCO_ROOT": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ntt: error: COCO file") and "annotations_trainval2017.zip" in last
+    assert "Traceback" not in done.stderr
