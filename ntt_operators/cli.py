@@ -10,14 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ntt_core.coco import format_paper_table
 from ntt_core.config import NTTConfig
 from ntt_core.errors import NTTError
 from ntt_core.fewshot import split_classes
 
+if TYPE_CHECKING:
+    import fiftyone as fo
+
+    from ntt_operators.coco_protocol import ReproduceReport, ReproduceSettings
+
+Subcommands = argparse._SubParsersAction  # argparse's only handle on add_subparsers' result
 EXIT_INPUT_ERROR = 2
 # Flags that map one-to-one onto NTTConfig fields (dest name == field name).
 _CONFIG_FLAGS = (
@@ -95,7 +102,7 @@ def _classes(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
-def _load_dataset(name: str):
+def _load_dataset(name: str) -> fo.Dataset:
     import fiftyone as fo  # imported late: `ntt --help` should not start a database
 
     if not fo.dataset_exists(name):
@@ -112,7 +119,7 @@ def _api():
 # -- reproduce --------------------------------------------------------------------------------
 
 
-def _add_reproduce(commands) -> None:
+def _add_reproduce(commands: Subcommands) -> None:
     p = commands.add_parser(
         "reproduce",
         help="the paper's COCO few-shot benchmark, end to end",
@@ -172,21 +179,21 @@ def _reproduce(args: argparse.Namespace) -> int:
         resume=args.resume,
         batch_size=args.batch_size,
     )
-    random = config.weights == "random"
-    if random:
+    untrained = config.weights == "random"
+    if untrained:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     report = reproduce(settings, log=_timed_log())
-    _print_report(report, settings, random)
+    _print_report(report, settings, untrained)
     return 0
 
 
-def _timed_log():
+def _timed_log() -> Callable[[str], None]:
     start = time.monotonic()
     return lambda line: print(f"[{time.monotonic() - start:7.1f}s] {line}", file=sys.stderr)
 
 
-def _print_report(report, settings, random: bool) -> None:
-    if random:
+def _print_report(report: ReproduceReport, settings: ReproduceSettings, untrained: bool) -> None:
+    if untrained:
         print(RANDOM_WEIGHTS_WARNING)
     print(
         f"COCO few-shot: {settings.split} ({len(settings.classes)} classes), "
@@ -199,7 +206,7 @@ def _print_report(report, settings, random: bool) -> None:
         "\n(FiftyOne ignores COCO's crowd rule for masks, so it can read a little below "
         "pycocotools.)"
     )
-    if random:
+    if untrained:
         print(RANDOM_WEIGHTS_WARNING)
 
 
@@ -210,7 +217,7 @@ def _add_dataset_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="FiftyOne dataset name")
 
 
-def _add_sample(commands) -> None:
+def _add_sample(commands: Subcommands) -> None:
     p = commands.add_parser("sample", help="tag N-shot references per class (paper's protocol)")
     _add_dataset_flag(p)
     p.add_argument("--gt-field", required=True, help="Detections field with instance masks")
@@ -236,7 +243,7 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_build_bank(commands) -> None:
+def _add_build_bank(commands: Subcommands) -> None:
     p = commands.add_parser("build-bank", help="encode tagged references into a memory bank")
     _add_dataset_flag(p)
     p.add_argument("--gt-field", required=True)
@@ -262,7 +269,7 @@ def _build_bank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_segment(commands) -> None:
+def _add_segment(commands: Subcommands) -> None:
     p = commands.add_parser("segment", help="segment a dataset with a memory bank")
     _add_dataset_flag(p)
     p.add_argument("--bank", required=True)
@@ -293,7 +300,7 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(commands) -> None:
+def _add_evaluate(commands: Subcommands) -> None:
     p = commands.add_parser("evaluate", help="FiftyOne COCO-style mask evaluation")
     _add_dataset_flag(p)
     p.add_argument("--pred-field", required=True)
@@ -316,7 +323,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_banks(commands) -> None:
+def _add_banks(commands: Subcommands) -> None:
     p = commands.add_parser("banks", help="list, inspect or delete a dataset's memory banks")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="the dataset's memory banks")
