@@ -1,0 +1,223 @@
+"""Operators: build a memory bank from tagged references, inspect it, delete it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from ntt_core import NTTConfig
+from ntt_core.registry import CHECKPOINTS
+
+from . import api, forms
+
+PRESETS = {
+    "paper": NTTConfig,
+    "tiny": NTTConfig.tiny,
+}
+"""``paper``: SAM2 hiera-large + DINOv2 ViT-L/14 at full size; ``tiny``: small and fast."""
+
+DEFAULTS = {
+    "bank_name": "ntt_bank",
+    "ref_tag": "reference",
+    "tag_type": "label",
+    "classes": [],
+    "preset": "paper",
+    "sam_model": "",
+    "encoder_model": "",
+    "weights": "official",
+    "device": "auto",
+    "overwrite": False,
+}
+
+
+def config_from_params(ctx: foo.ExecutionContext) -> NTTConfig:
+    """The preset's config with the models/weights/device the user picked."""
+    changes = {
+        key: forms.param(ctx, DEFAULTS, key)
+        for key in ("sam_model", "encoder_model", "weights", "device")
+        if forms.param(ctx, DEFAULTS, key)
+    }
+    return PRESETS[forms.param(ctx, DEFAULTS, "preset")](**changes)
+
+
+class BuildMemoryBank(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="build_memory_bank",
+            label="Build memory bank",
+            description="Encode the tagged reference instances into a named memory bank",
+            dynamic=True,
+            execute_as_generator=True,
+            **forms.HEAVY,
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        inputs.view_target(ctx, action_description="Take references from")
+        gt_field = forms.detections_field(
+            ctx,
+            inputs,
+            "gt_field",
+            "Ground truth field",
+            "Instances with masks; box-only instances get a mask from SAM2",
+        )
+        forms.tag_choice(ctx, inputs, "ref_tag", DEFAULTS["ref_tag"], label="Reference tag")
+        tag_types = types.RadioGroup()
+        tag_types.add_choice("label", label="Label tag", description="Only the tagged instances")
+        tag_types.add_choice(
+            "sample", label="Sample tag", description="Every instance of the tagged samples"
+        )
+        inputs.enum(
+            "tag_type",
+            tag_types.values(),
+            default=DEFAULTS["tag_type"],
+            label="The tag is on",
+            view=tag_types,
+        )
+        forms.classes_choice(ctx, inputs, gt_field, "Leave empty for every class referenced")
+        inputs.str(
+            "bank_name",
+            default=DEFAULTS["bank_name"],
+            label="Bank name",
+            description="Letters, digits and underscores",
+        )
+        inputs.bool("overwrite", default=DEFAULTS["overwrite"], label="Replace a bank of that name")
+        model_inputs(inputs)
+        return types.Property(inputs, view=types.View(label="Build memory bank"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
+        return forms.run_with_progress(ctx, self._steps(ctx), bank_outputs)
+
+    def _steps(self, ctx: foo.ExecutionContext) -> Iterator:
+        name = forms.param(ctx, DEFAULTS, "bank_name")
+        yield from api.iter_build_memory_bank(
+            ctx.target_view(),
+            ctx.params["gt_field"],
+            name,
+            ref_tag=forms.param(ctx, DEFAULTS, "ref_tag"),
+            tag_type=forms.param(ctx, DEFAULTS, "tag_type"),
+            classes=forms.param(ctx, DEFAULTS, "classes") or None,
+            config=config_from_params(ctx),
+            overwrite=forms.param(ctx, DEFAULTS, "overwrite"),
+        )
+        return info_summary(api.memory_bank_info(ctx.dataset, name))
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        return bank_outputs()
+
+
+def model_inputs(inputs: types.Object) -> None:
+    """Models and weights: a preset, optionally with other checkpoints (names or local paths)."""
+    inputs.view("models_header", types.Header(label="Models", divider=True))
+    presets = types.RadioGroup()
+    presets.add_choice("paper", label="Paper", description="SAM2 hiera-large + DINOv2 ViT-L/14")
+    presets.add_choice(
+        "tiny", label="Tiny", description="SAM2.1 hiera-tiny + ViT-S/14, small inputs"
+    )
+    inputs.enum(
+        "preset", presets.values(), default=DEFAULTS["preset"], label="Preset", view=presets
+    )
+    for key, kind, label in (
+        ("sam_model", "sam2", "SAM2 checkpoint"),
+        ("encoder_model", "dinov2", "DINOv2 checkpoint"),
+    ):
+        names = types.AutocompleteView()
+        for name, checkpoint in CHECKPOINTS.items():
+            if checkpoint.kind == kind:
+                names.add_choice(name, label=name)
+        inputs.str(
+            key,
+            default=DEFAULTS[key],
+            label=label,
+            description="A registry name or a local checkpoint path; empty: the preset's",
+            view=names,
+        )
+    weights = types.RadioGroup()
+    weights.add_choice("official", label="Official")
+    weights.add_choice("random", label="Random (tests only)")
+    inputs.enum(
+        "weights", weights.values(), default=DEFAULTS["weights"], label="Weights", view=weights
+    )
+    inputs.str(
+        "device",
+        default=DEFAULTS["device"],
+        label="Device",
+        description="auto, cpu, cuda or cuda:N",
+    )
+
+
+def info_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The bank info as the operators show it (JSON-ready, tables as lists of rows)."""
+    return {
+        "name": info["name"],
+        "encoder": f"{info['encoder']} at {info['encoder_image_size']}px",
+        "gt_field": info["gt_field"],
+        "references": f"{info['num_references']} ({info['masks_from_boxes']} masks from boxes)",
+        "quality": info["quality"],
+    }
+
+
+def bank_outputs() -> types.Property:
+    outputs = types.Object()
+    outputs.str("name", label="Memory bank")
+    outputs.str("encoder", label="Encoder")
+    outputs.str("gt_field", label="Ground truth field")
+    outputs.str("references", label="References")
+    table = types.TableView()
+    for key, label in (
+        ("class", "Class"),
+        ("references", "References"),
+        ("mean_quality", "Mean quality"),
+        ("min_quality", "Lowest quality"),
+        ("lowest_reference", "Lowest reference (sample:label)"),
+    ):
+        table.add_column(key, label=label)
+    outputs.list("quality", types.Object(), label="References per class", view=table)
+    return types.Property(outputs, view=types.View(label="Memory bank"))
+
+
+class GetMemoryBankInfo(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="get_memory_bank_info",
+            label="Get memory bank info",
+            description="Classes, references per class, encoder and reference quality of a bank",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        forms.memory_bank(ctx, inputs)
+        return types.Property(inputs, view=types.View(label="Get memory bank info"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict:
+        return info_summary(api.memory_bank_info(ctx.dataset, ctx.params["bank_name"]))
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        return bank_outputs()
+
+
+class DeleteMemoryBank(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="delete_memory_bank",
+            label="Delete memory bank",
+            description="Delete a memory bank; fields it produced are kept",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        if forms.memory_bank(ctx, inputs):
+            inputs.view("confirm", types.Warning(label="This cannot be undone"))
+        return types.Property(inputs, view=types.View(label="Delete memory bank"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict:
+        api.delete_memory_bank(ctx.dataset, ctx.params["bank_name"])
+        return {"deleted": ctx.params["bank_name"]}

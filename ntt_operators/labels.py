@@ -1,0 +1,144 @@
+"""The bridge between FiftyOne labels and the engine: detections in, ``fo.Detections`` out.
+
+FiftyOne boxes are relative ``[x, y, w, h]`` and instance masks are cropped to the box; the engine
+works in pixels with full-resolution masks. Every conversion between the two lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fiftyone as fo
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ntt_core import Instances
+
+
+@dataclass(frozen=True)
+class GroundTruthInstance:
+    """One ``fo.Detection`` of a ground-truth field, located in its image."""
+
+    sample_id: str
+    filepath: str
+    width: int
+    height: int
+    detection: fo.Detection
+
+    @property
+    def label_id(self) -> str:
+        return self.detection.id
+
+    @property
+    def ref_id(self) -> str:
+        """The provenance a memory bank records: enough to find the label again."""
+        return f"{self.sample_id}:{self.detection.id}"
+
+    def box_xywh(self) -> tuple[float, float, float, float]:
+        x, y, w, h = self.detection.bounding_box
+        return (x * self.width, y * self.height, w * self.width, h * self.height)
+
+    def box_xyxy(self) -> tuple[float, float, float, float]:
+        x, y, w, h = self.box_xywh()
+        return (x, y, x + w, y + h)
+
+    def full_mask(self) -> np.ndarray | None:
+        """The instance's full-resolution bool mask, or None for a box-only annotation."""
+        crop = self.detection.get_mask()
+        if crop is None:
+            return None
+        return paste_mask(crop, self.detection.bounding_box, self.width, self.height)
+
+    def annotation(self) -> dict:
+        """A COCO-style annotation dict for ``ntt_core.fewshot`` (ids are FiftyOne ids)."""
+        return {
+            "id": self.label_id,
+            "image_id": self.sample_id,
+            "category_id": self.detection.label,
+            "bbox": list(self.box_xywh()),
+            "iscrowd": int(bool(getattr(self.detection, "iscrowd", 0))),
+        }
+
+
+def paste_mask(crop: np.ndarray, box: list[float], width: int, height: int) -> np.ndarray:
+    """A box-cropped FiftyOne mask at full resolution: the inverse of ``Detection.from_mask``.
+
+    ``Detection.to_segmentation`` resamples the crop into a box up to one pixel smaller, which
+    can drop an instance's last row or column; here a crop that fits its box is pasted as is.
+    """
+    x, y, w, h = box
+    left, top = round(x * width), round(y * height)
+    right, bottom = round((x + w) * width), round((y + h) * height)
+    crop = np.asarray(crop) > 0
+    if crop.shape != (bottom - top, right - left) and bottom > top and right > left:
+        # Nearest-neighbour resize of a crop stored at another size than its box.
+        rows = np.arange(bottom - top) * crop.shape[0] // (bottom - top)
+        cols = np.arange(right - left) * crop.shape[1] // (right - left)
+        crop = crop[rows][:, cols]
+    full = np.zeros((height, width), dtype=bool)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(bottom, height), min(right, width)
+    if y1 > y0 and x1 > x0:
+        full[y0:y1, x0:x1] = crop[y0 - top : y1 - top, x0 - left : x1 - left]
+    return full
+
+
+def ensure_metadata(collection: fo.core.collections.SampleCollection) -> None:
+    """Pixel sizes are needed to convert relative boxes; compute them where missing."""
+    missing = collection.exists("metadata", False)
+    if len(missing):
+        missing.compute_metadata()
+
+
+def iter_instances(
+    collection: fo.core.collections.SampleCollection, gt_field: str
+) -> Iterator[GroundTruthInstance]:
+    """Every detection of ``gt_field`` in ``collection``, in sample order (metadata required)."""
+    for sample in collection.select_fields(gt_field).iter_samples():
+        labels = sample[gt_field]
+        if labels is None:
+            continue
+        width, height = sample.metadata.width, sample.metadata.height
+        for detection in labels.detections:
+            yield GroundTruthInstance(sample.id, sample.filepath, width, height, detection)
+
+
+def instance_to_detection(rle: dict, label: str, confidence: float) -> fo.Detection:
+    """One predicted instance; the full-resolution mask is decoded only for this instance."""
+    mask = mask_utils.decode(rle).astype(bool)
+    return fo.Detection.from_mask(mask, label=label, confidence=confidence)
+
+
+def instances_to_detections(instances: Instances) -> fo.Detections:
+    """An engine result as FiftyOne detections: tight boxes, box-cropped masks, confidences."""
+    detections = [
+        instance_to_detection(rle, name, float(score))
+        for rle, name, score in zip(instances.rles, instances.label_names, instances.scores)
+    ]
+    return fo.Detections(detections=detections)
+
+
+class FieldWriter:
+    """Buffers per-sample values of one field and writes them with one ``set_values`` per batch.
+
+    Saving sample by sample costs a database round trip each; a batch costs one.
+    """
+
+    def __init__(self, dataset: fo.Dataset, field: str, batch_size: int) -> None:
+        self.dataset = dataset
+        self.field = field
+        self.batch_size = batch_size
+        self._pending: dict[str, fo.Label | None] = {}
+        self.written = 0
+
+    def add(self, sample_id: str, value: fo.Label | None) -> None:
+        self._pending[sample_id] = value
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.dataset.set_values(self.field, self._pending, key_field="id")
+            self.written += len(self._pending)
+            self._pending = {}

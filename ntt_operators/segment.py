@@ -1,0 +1,127 @@
+"""Operator: segment target samples with a memory bank into a new instance-mask field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from ntt_core import NTTConfig
+
+from . import api, forms
+
+DEFAULTS = {
+    "label_field": "ntt_predictions",
+    "exclude_tag": "reference",
+    "overwrite": False,
+    "skip_done": False,
+    "batch_size": 16,
+    "device": "",
+}
+
+
+class SegmentWithReferences(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="segment_with_references",
+            label="Segment with references",
+            description="Predict instance masks of the memory bank's classes into a new field",
+            dynamic=True,
+            execute_as_generator=True,
+            **forms.HEAVY,
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        inputs.view_target(ctx, action_description="Segment")
+        bank_name = forms.memory_bank(ctx, inputs)
+        inputs.str(
+            "label_field",
+            default=DEFAULTS["label_field"],
+            required=True,
+            label="Output field",
+            description="A new fo.Detections field; the ground truth is never written",
+        )
+        forms.tag_choice(
+            ctx,
+            inputs,
+            "exclude_tag",
+            DEFAULTS["exclude_tag"],
+            label="Skip samples tagged",
+            description="Samples with this sample or label tag (the references) are not "
+            "segmented; empty: segment every target sample",
+        )
+        inputs.bool(
+            "skip_done",
+            default=DEFAULTS["skip_done"],
+            label="Skip samples already done",
+            description="Continue an interrupted run into the same field",
+        )
+        inputs.bool(
+            "overwrite",
+            default=DEFAULTS["overwrite"],
+            label="Replace the field if it exists",
+        )
+        inputs.int("batch_size", default=DEFAULTS["batch_size"], min=1, label="Write batch size")
+        inputs.str(
+            "device",
+            default=DEFAULTS["device"],
+            label="Device",
+            description="auto, cpu, cuda or cuda:N; empty: as the bank was built",
+        )
+        if bank_name:
+            recorded = api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"]
+            inputs.view(
+                "models_notice",
+                types.Notice(
+                    label=f"Models: {recorded['sam_model']} + {recorded['encoder_model']} "
+                    f"({recorded['weights']} weights), as recorded with the bank"
+                ),
+            )
+        return types.Property(inputs, view=types.View(label="Segment with references"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
+        bank_name = ctx.params["bank_name"]
+        config = NTTConfig.from_dict(api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"])
+        if forms.param(ctx, DEFAULTS, "device"):
+            config = config.replace(device=forms.param(ctx, DEFAULTS, "device"))
+        steps = api.iter_segment(
+            ctx.target_view(),
+            bank_name,
+            forms.param(ctx, DEFAULTS, "label_field"),
+            exclude_tag=forms.param(ctx, DEFAULTS, "exclude_tag") or None,
+            overwrite=forms.param(ctx, DEFAULTS, "overwrite"),
+            skip_done=forms.param(ctx, DEFAULTS, "skip_done"),
+            config=config,
+            batch_size=forms.param(ctx, DEFAULTS, "batch_size"),
+        )
+        return forms.run_with_progress(ctx, _with_failure_rows(steps), segment_outputs)
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        return segment_outputs()
+
+
+def _with_failure_rows(steps: Iterator) -> Iterator:
+    """The summary with failures as table rows, which the App can display."""
+    summary = yield from steps
+    failures = summary.pop("failed")
+    summary["failed"] = len(failures)
+    summary["failures"] = [{"sample_id": k, "error": v} for k, v in failures.items()]
+    return summary
+
+
+def segment_outputs() -> types.Property:
+    outputs = types.Object()
+    outputs.str("label_field", label="Output field")
+    outputs.str("bank_name", label="Memory bank")
+    outputs.int("processed", label="Samples segmented")
+    outputs.int("skipped", label="Samples skipped (already done)")
+    outputs.int("instances", label="Instances predicted")
+    outputs.int("failed", label="Samples failed")
+    table = types.TableView()
+    table.add_column("sample_id", label="Sample")
+    table.add_column("error", label="Error")
+    outputs.list("failures", types.Object(), label="Failures", view=table)
+    return types.Property(outputs, view=types.View(label="Segmentation done"))
