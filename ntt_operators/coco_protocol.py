@@ -33,6 +33,7 @@ from ntt_operators.coco_download import (
     ensure_images,
     image_dir,
 )
+from ntt_operators.labels import paste_mask
 
 GT_FIELD = "ground_truth"
 COCO_ID_FIELD = "coco_id"  # sample field: COCO image id; on each ground-truth label: annotation id
@@ -329,8 +330,8 @@ def _image_results(image: Mapping, detections: list, category_of: Mapping) -> li
     for det in detections:
         x, y, w, h = det.bounding_box
         boxes.append([x * width, y * height, w * width, h * height])
-        mask = det.to_segmentation(frame_size=(width, height), target=1).mask
-        rles.append(encode_mask(mask.astype(bool)))
+        # Not det.to_segmentation(): it resamples the crop and can drop a row or column.
+        rles.append(encode_mask(paste_mask(det.get_mask(), det.bounding_box, width, height)))
     scores = [det.confidence for det in detections]
     category_ids = [category_of[det.label] for det in detections]
     return results_from_detections(image["id"], boxes, scores, category_ids, rles)

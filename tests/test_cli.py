@@ -16,11 +16,14 @@ from urllib.error import URLError
 
 import fiftyone as fo
 import pytest
+from fiftyone import ViewField as F
 
+from ntt_core.coco import evaluate_coco
 from ntt_core.fewshot import FEW_SHOT_CLASSES, class_ids_by_name, sample_references
 from ntt_core.synthetic import write_coco_dataset, write_coco_root
 from ntt_operators import cli
 from ntt_operators.coco_download import ensure_annotations, ensure_images
+from ntt_operators.coco_protocol import coco_results
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -100,6 +103,28 @@ def test_reproduce_predicts_only_the_splits_classes(reproduced):
     assert predicted <= set(FEW_SHOT_CLASSES)
     code, out, _ = run_cli("banks", "info", "--dataset", "cli-coco", "--bank", f"coco_{RUN}")
     assert code == 0 and "num_references: 40" in out
+
+
+def test_ground_truth_as_predictions_scores_one(reproduced, coco_root, tmp_path):
+    # The results plumbing (sample -> image id, class -> category id, full-size RLE, px boxes)
+    # is right exactly when the ground truth, fed back as predictions, scores AP 1.
+    view = fo.load_dataset("cli-coco").match_tags("val2017")
+    oracle = view.filter_labels("ground_truth", F("label").is_in(FEW_SHOT_CLASSES))
+    oracle.set_field("ground_truth.detections.confidence", 1.0).save()
+    oracle.clone_sample_field("ground_truth", "oracle")
+    val = json.loads((coco_root / "annotations/instances_val2017.json").read_text())
+    results = coco_results(view, "oracle", val, list(FEW_SHOT_CLASSES))
+    image_ids = set(view.values("coco_id"))
+    gt = {
+        "images": [i for i in val["images"] if i["id"] in image_ids],
+        "annotations": [a for a in val["annotations"] if a["image_id"] in image_ids],
+        "categories": val["categories"],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    category_ids = class_ids_by_name(val["categories"], list(FEW_SHOT_CLASSES))
+    stats = evaluate_coco(tmp_path / "gt.json", results, category_ids)
+    assert stats["bbox"]["AP"] == pytest.approx(1.0)
+    assert stats["segm"]["AP"] == pytest.approx(1.0)
 
 
 def test_console_script_resumes_on_the_same_dataset(reproduced, coco_root):
