@@ -12,7 +12,8 @@ return the result, so the App can stream a progress bar without threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import importlib.util
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Literal
 
 import fiftyone as fo
@@ -21,8 +22,15 @@ import numpy as np
 from ntt_core import MemoryBank, NTTConfig, NTTError, NTTPredictor, Reference
 from ntt_core.errors import BankError, ReferenceInputError
 from ntt_core.fewshot import sample_references as sample_annotations
+from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
-from .labels import FieldWriter, ensure_metadata, instances_to_detections, iter_instances
+from .labels import (
+    FieldWriter,
+    annotations,
+    ensure_metadata,
+    instances_to_detections,
+    iter_instances,
+)
 
 Collection = fo.core.collections.SampleCollection
 Progress = Callable[[float, str], None]
@@ -61,11 +69,8 @@ def sample_references(
     if not (tag_samples or tag_labels):
         raise PluginInputError("Choose to tag the reference samples, their labels, or both")
     ensure_metadata(dataset_or_view)
-    instances = list(iter_instances(dataset_or_view, gt_field))
-    sizes = {i.sample_id: (i.width, i.height) for i in instances}
-    picks = sample_annotations(
-        [i.annotation() for i in instances], sizes, classes, shots=shots, seed=seed
-    )
+    anns, sizes = annotations(dataset_or_view, gt_field)
+    picks = sample_annotations(anns, sizes, classes, shots=shots, seed=seed)
     label_ids = {cls: [a for c in choices for a in c["ann_ids"]] for cls, choices in picks.items()}
     chosen = [label_id for ids in label_ids.values() for label_id in ids]
     sample_ids = sorted({c["img_id"] for choices in picks.values() for c in choices})
@@ -277,6 +282,10 @@ def segment(
     config: NTTConfig | None = None,
     batch_size: int = 16,
     progress: Progress | None = None,
+    backend: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+    num_actors: int = 2,
+    gpus_per_actor: float | None = None,
 ) -> dict[str, Any]:
     """Predicts instance masks for every target sample into ``label_field`` (``fo.Detections``).
 
@@ -285,6 +294,10 @@ def segment(
     run into the same field. ``config`` defaults to the one the bank was built with. A sample
     that fails (unreadable image, ...) is listed in ``failed`` and left empty; the run goes on.
     Returns ``processed``, ``skipped``, ``failed`` ({sample id: message}) and ``instances``.
+
+    ``backend="ray"`` predicts on Ray Data actors (``num_actors``, ``gpus_per_actor``; the cluster
+    at ``ray_address``, else a local one) with the same per-image function, and this process
+    writes their results; see ``ntt_core.ray_backend.segment_on_ray``.
     """
     steps = iter_segment(
         dataset_or_view,
@@ -295,6 +308,10 @@ def segment(
         skip_done=skip_done,
         config=config,
         batch_size=batch_size,
+        backend=backend,
+        ray_address=ray_address,
+        num_actors=num_actors,
+        gpus_per_actor=gpus_per_actor,
     )
     return drive_steps(steps, progress)
 
@@ -308,6 +325,10 @@ def iter_segment(
     skip_done: bool = False,
     config: NTTConfig | None = None,
     batch_size: int = 16,
+    backend: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+    num_actors: int = 2,
+    gpus_per_actor: float | None = None,
 ) -> Steps:
     """``segment`` as progress steps; returns the summary."""
     dataset = _root(dataset_or_view)
@@ -319,6 +340,7 @@ def iter_segment(
         _require_same_bank(dataset, run_key, label_field, bank_name)
     if batch_size < 1:
         raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
+    _check_backend(backend, num_actors)
     config = config or NTTConfig.from_dict(recorded["ntt_config"])
     targets = dataset_or_view
     if exclude_tag:
@@ -330,9 +352,21 @@ def iter_segment(
     skipped = len(targets) - len(sample_ids)
 
     yield 0.0, "Loading models"
-    predictor = NTTPredictor(config)
-    # Refuse a bank from another encoder now, not once per sample.
-    bank.check_compatible(predictor.encoder_identity, config.encoder_image_size)
+    if backend == "ray":
+        # Lazy: the actors start when the loop below asks for the first result.
+        results = segment_on_ray(
+            list(zip(sample_ids, filepaths)),
+            bank.to_bytes(),
+            config,
+            num_actors=num_actors,
+            gpus_per_actor=gpus_per_actor,
+            address=ray_address,
+        )
+    else:
+        predictor = NTTPredictor(config)
+        # Refuse a bank from another encoder now, not once per sample.
+        bank.check_compatible(predictor.encoder_identity, config.encoder_image_size)
+        results = _predict_locally(predictor, bank, sample_ids, filepaths)
 
     run_config = targets.init_run(
         method=SEGMENT_METHOD,
@@ -356,11 +390,9 @@ def iter_segment(
     failed: dict[str, str] = {}
     instances = 0
     try:
-        for k, (sample_id, filepath) in enumerate(zip(sample_ids, filepaths)):
-            try:
-                result = predictor.predict(filepath, bank)
-            except NTTError as error:
-                failed[sample_id] = f"{type(error).__name__}: {error}"
+        for k, (sample_id, result, error) in enumerate(results):
+            if error is not None:
+                failed[sample_id] = error
                 continue
             writer.add(sample_id, instances_to_detections(result))
             instances += len(result)
@@ -383,6 +415,22 @@ def iter_segment(
 
 
 _COUNTS = ("processed", "skipped", "failed", "instances")
+
+
+def _predict_locally(
+    predictor: NTTPredictor, bank: MemoryBank, sample_ids: list[str], filepaths: list[str]
+) -> Iterator[Result]:
+    for sample_id, filepath in zip(sample_ids, filepaths):
+        yield sample_id, *predict_or_error(predictor, filepath, bank)
+
+
+def _check_backend(backend: str, num_actors: int) -> None:
+    if backend not in ("local", "ray"):
+        raise PluginInputError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise PluginInputError("backend='ray' needs the optional extra: pip install .[ray]")
+    if num_actors < 1:
+        raise PluginInputError(f"num_actors must be at least 1, got {num_actors}")
 
 
 def segment_status(dataset: fo.Dataset, label_field: str) -> dict[str, Any] | None:

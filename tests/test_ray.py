@@ -109,3 +109,42 @@ def _kill_one_segment_worker(psutil) -> None:
     ]
     assert workers, "no SegmentActor worker found to kill"
     workers[0].kill()
+
+
+def test_plugin_segment_on_ray_writes_the_local_field(local_ray, scenes, items):
+    fo = pytest.importorskip("fiftyone")
+    from ntt_operators import api
+
+    dataset = fo.Dataset()
+    try:
+        dataset.add_samples(
+            fo.Sample(
+                filepath=path,
+                ground_truth=fo.Detections(
+                    detections=[fo.Detection.from_mask(i.mask, label=i.label) for i in instances]
+                ),
+            )
+            for (_, path), (_, instances) in zip(items[:-1], scenes[2:])
+        )
+        api.sample_references(dataset, "ground_truth", shots=1, seed=33)
+        api.build_memory_bank(dataset, "ground_truth", "bank", config=CONFIG)
+        dataset.add_sample(fo.Sample(filepath=items[-1][1]))  # the corrupt file
+        local = api.segment(dataset, "bank", "local_pred")
+        on_ray = api.segment(dataset, "bank", "ray_pred", backend="ray", num_actors=2)
+        assert (on_ray["processed"], on_ray["skipped"]) == (local["processed"], local["skipped"])
+        assert on_ray["failed"].keys() == local["failed"].keys() and len(local["failed"]) == 1
+        for want, got in zip(dataset.values("local_pred"), dataset.values("ray_pred")):
+            _assert_same_detections(want, got)
+    finally:
+        dataset.delete()
+
+
+def _assert_same_detections(want, got) -> None:
+    if want is None:
+        assert got is None
+        return
+    assert len(got.detections) == len(want.detections)
+    for a, b in zip(want.detections, got.detections):
+        assert (b.label, b.bounding_box) == (a.label, a.bounding_box)
+        np.testing.assert_array_equal(b.mask, a.mask)
+        assert b.confidence == pytest.approx(a.confidence, abs=1e-6)
