@@ -514,6 +514,15 @@ def evaluate(
     _require_run_key(eval_key, "Evaluation key")
     if pred_field == gt_field:
         raise PluginInputError("Predictions and ground truth are the same field")
+    unscored = dataset_or_view.count(f"{pred_field}.detections") - dataset_or_view.count(
+        f"{pred_field}.detections.confidence"
+    )
+    if unscored:
+        # mAP needs a ranking; FiftyOne would fail halfway through with eval fields written.
+        raise PluginInputError(
+            f"{unscored} predictions in {pred_field!r} have no confidence; mAP needs one per "
+            "prediction"
+        )
     report = None
     if progress is not None:
         report = fo.report_progress(lambda bar: progress(bar.progress, "Evaluating"), dt=1.0)

@@ -86,6 +86,14 @@ class BuildMemoryBank(foo.Operator):
             description="Letters, digits and underscores",
         )
         inputs.bool("overwrite", default=DEFAULTS["overwrite"], label="Replace a bank of that name")
+        name = forms.param(ctx, DEFAULTS, "bank_name")
+        warning = None
+        if not name.isidentifier():
+            warning = "Use letters, digits and underscores in the bank name"
+        elif name in ctx.dataset.list_runs() and not forms.param(ctx, DEFAULTS, "overwrite"):
+            warning = f"'{name}' exists: replace it or rename"
+        if warning:
+            inputs.view("name_warning", types.Warning(label=warning))
         model_inputs(inputs)
         return types.Property(inputs, view=types.View(label="Build memory bank"))
 

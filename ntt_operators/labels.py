@@ -50,16 +50,6 @@ class GroundTruthInstance:
             return None
         return paste_mask(crop, self.detection.bounding_box, self.width, self.height)
 
-    def annotation(self) -> dict:
-        """A COCO-style annotation dict for ``ntt_core.fewshot`` (ids are FiftyOne ids)."""
-        return {
-            "id": self.label_id,
-            "image_id": self.sample_id,
-            "category_id": self.detection.label,
-            "bbox": list(self.box_xywh()),
-            "iscrowd": int(bool(getattr(self.detection, "iscrowd", 0))),
-        }
-
 
 def paste_mask(crop: np.ndarray, box: list[float], width: int, height: int) -> np.ndarray:
     """A box-cropped FiftyOne mask at full resolution: the inverse of ``Detection.from_mask``.
@@ -102,6 +92,36 @@ def iter_instances(
         width, height = sample.metadata.width, sample.metadata.height
         for detection in labels.detections:
             yield GroundTruthInstance(sample.id, sample.filepath, width, height, detection)
+
+
+def annotations(
+    collection: fo.core.collections.SampleCollection, gt_field: str
+) -> tuple[list[dict], dict[str, tuple[int, int]]]:
+    """COCO-style annotation dicts of ``gt_field`` for ``ntt_core.fewshot``, and image sizes.
+
+    Ids are FiftyOne ids (label id, sample id), categories are label names and boxes are in
+    pixels. Read with ``values`` so that no instance mask is loaded (metadata required).
+    """
+    path = f"{gt_field}.detections"
+    fields = ["id", "metadata.width", "metadata.height"]
+    fields += [f"{path}.{key}" for key in ("id", "label", "bounding_box", "iscrowd")]
+    columns = collection.values(fields)
+    anns, sizes = [], {}
+    for sample_id, width, height, ids, labels, boxes, crowds in zip(*columns):
+        sizes[sample_id] = (width, height)
+        if ids is None:
+            continue
+        for label_id, label, (x, y, w, h), crowd in zip(ids, labels, boxes, crowds):
+            anns.append(
+                {
+                    "id": label_id,
+                    "image_id": sample_id,
+                    "category_id": label,
+                    "bbox": [x * width, y * height, w * width, h * height],
+                    "iscrowd": int(bool(crowd)),
+                }
+            )
+    return anns, sizes
 
 
 def instance_to_detection(rle: dict, label: str, confidence: float) -> fo.Detection:

@@ -72,14 +72,16 @@ class SegmentWithReferences(foo.Operator):
             description="auto, cpu, cuda or cuda:N; empty: as the bank was built",
         )
         if bank_name:
-            recorded = api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"]
+            recorded = api.memory_bank_config(ctx.dataset, bank_name)
+            models = recorded["ntt_config"]
             inputs.view(
                 "models_notice",
                 types.Notice(
-                    label=f"Models: {recorded['sam_model']} + {recorded['encoder_model']} "
-                    f"({recorded['weights']} weights), as recorded with the bank"
+                    label=f"Models: {models['sam_model']} + {models['encoder_model']} "
+                    f"({models['weights']} weights), as recorded with the bank"
                 ),
             )
+            _warn_about_output_field(ctx, inputs, recorded["gt_field"])
         return types.Property(inputs, view=types.View(label="Segment with references"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
@@ -101,6 +103,24 @@ class SegmentWithReferences(foo.Operator):
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         return segment_outputs()
+
+
+def _warn_about_output_field(
+    ctx: foo.ExecutionContext, inputs: types.Object, gt_field: str
+) -> None:
+    """Says in the form what execution would refuse, before the user runs it."""
+    field = forms.param(ctx, DEFAULTS, "label_field")
+    overwrite = forms.param(ctx, DEFAULTS, "overwrite")
+    skip_done = forms.param(ctx, DEFAULTS, "skip_done")
+    if field == gt_field:
+        message = f"'{field}' is the bank's ground truth: it is never written, pick a new name"
+    elif ctx.dataset.has_sample_field(field) and not (overwrite or skip_done):
+        message = f"'{field}' exists: replace it, skip the samples already done, or rename"
+    elif overwrite and skip_done:
+        message = "Replace the field or skip the samples already done, not both"
+    else:
+        return
+    inputs.view("field_warning", types.Warning(label=message))
 
 
 def _with_failure_rows(steps: Iterator) -> Iterator:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 from fiftyone.operators.delegated import DelegatedOperationService
-from fiftyone.operators.executor import ExecutionError
+from fiftyone.operators.executor import ExecutionContext, ExecutionError
 from fiftyone.operators.registry import OperatorRegistry
 from pycocotools import mask as mask_utils
 
@@ -95,6 +95,26 @@ def test_plugin_loads_and_registers_every_listed_operator():
     assert MANIFEST["fiftyone"]["version"] == ">=1.14"
 
 
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_every_form_resolves(scene_dataset, with_bank):
+    """What the App asks for when it opens each operator, on a bare and on a worked dataset."""
+    if with_bank:
+        api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+        api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+        scene_dataset.clone_sample_field("ground_truth", "pred")
+        scene_dataset.set_field("pred.detections.confidence", 0.5).save()
+        api.evaluate(scene_dataset, "pred", "ground_truth", "e")
+    else:
+        scene_dataset.delete_sample_field("ground_truth")
+    registry = OperatorRegistry()
+    for name in MANIFEST["operators"]:
+        ctx = ExecutionContext(
+            request_params={"dataset_name": scene_dataset.name, "params": {"label_field": "pred"}}
+        )
+        form = registry.get_operator(uri(name)).resolve_input(ctx).to_json()
+        assert form["type"]["properties"], name
+
+
 # -- 1. references ----------------------------------------------------------------------------
 
 
@@ -116,7 +136,8 @@ def test_sample_references_tags_a_reproducible_draw(scene_dataset, delegated):
     assert scene_dataset.count_sample_tags()["ref"] == len(tagged)
 
 
-def test_resampling_replaces_the_previous_draw(scene_dataset):
+def test_resampling_replaces_the_previous_draw(scene_dataset, scene_files):
+    scene_dataset.add_sample(fo.Sample(filepath=scene_files[0][0]))  # no ground truth
     api.sample_references(scene_dataset, "ground_truth", shots=1, seed=1, tag_samples=False)
     picks = api.sample_references(scene_dataset, "ground_truth", shots=1, seed=2)
     assert scene_dataset.count_label_tags()["reference"] == sum(map(len, picks.values()))
@@ -316,6 +337,14 @@ def test_refusals_change_nothing(banked, call, message):
     with pytest.raises(NTTError, match=message):
         call(banked)
     assert snapshot(banked) == before
+
+
+def test_predictions_without_confidence_are_refused_before_evaluating(scene_dataset):
+    scene_dataset.clone_sample_field("ground_truth", "boxes")
+    before = snapshot(scene_dataset)
+    with pytest.raises(NTTError, match="no confidence"):
+        api.evaluate(scene_dataset, "boxes", "ground_truth", "e")
+    assert snapshot(scene_dataset) == before and scene_dataset.list_evaluations() == []
 
 
 def test_existing_field_is_refused_without_overwrite_through_the_operator(banked):
