@@ -1,13 +1,21 @@
 """FiftyOne plugin entry: registers the operators (the code lives in ``ntt_operators``).
 
-``ntt_operators`` is imported by its absolute name (it is installed with the plugin), so the
+``ntt_operators`` is imported by its absolute name (``pip install -e .`` installs it), so the
 App, notebooks, tests and worker processes all share one copy of the code.
 """
 
-from ntt_operators.bank import BuildMemoryBank, DeleteMemoryBank, GetMemoryBankInfo
-from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches
-from ntt_operators.references import SampleReferences
-from ntt_operators.segment import SegmentWithReferences
+import importlib.util
+import pathlib
+import sys
+
+if importlib.util.find_spec("ntt_operators") is None:
+    # Installed with `fiftyone plugins download` but not pip: the packages sit next to this file.
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent))
+
+from ntt_operators.bank import BuildMemoryBank, DeleteMemoryBank, GetMemoryBankInfo  # noqa: E402
+from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
+from ntt_operators.references import SampleReferences  # noqa: E402
+from ntt_operators.segment import SegmentWithReferences  # noqa: E402
 
 OPERATORS = (
     SampleReferences,

@@ -250,20 +250,25 @@ def test_a_failing_sample_is_reported_and_the_run_goes_on(banked, run_dir):
     assert api.segment_status(banked, "pred")["failed"] == out["failed"]
 
 
-def test_overwrite_replaces_the_field(banked):
-    first = banked.match_tags("reference", bool=False).limit(1)
-    api.segment(first, "bank", "pred")
-    second = banked.match_tags("reference", bool=False).skip(1).limit(1)
-    out = run(
-        "segment_with_references",
-        second,
-        bank_name="bank",
-        label_field="pred",
-        overwrite=True,
-        exclude_tag="",
+def test_overwrite_replaces_the_field_for_the_selected_samples(banked):
+    first, second = banked.match_tags("reference", bool=False).limit(2).values("id")
+    api.segment(banked.select(first), "bank", "pred")
+    result = foo.execute_operator(
+        uri("segment_with_references"),
+        ctx={
+            "dataset": banked,
+            "selected": [second],
+            "params": {
+                "view_target": "SELECTED_SAMPLES",
+                "bank_name": "bank",
+                "label_field": "pred",
+                "overwrite": True,
+            },
+        },
     )
-    assert out is None  # immediate runs stream their summary to the App instead
-    assert banked.exists("pred").values("id") == second.values("id")
+    assert result.result is None  # immediate runs stream their summary to the App instead
+    assert banked.exists("pred").values("id") == [second]
+    assert api.segment_status(banked, "pred")["status"] == "completed"
 
 
 # -- 4. evaluation ----------------------------------------------------------------------------
