@@ -49,6 +49,14 @@ def run(name: str, dataset_or_view, delegated: bool = False, **params):
     return done.result
 
 
+def delegated_progress(name: str, dataset: fo.Dataset):
+    """The progress a dataset's delegated run of an operator last reported (the Runs page)."""
+    (doc,) = DelegatedOperationService().list_operations(
+        operator=uri(name), dataset_name=dataset.name
+    )
+    return doc.status
+
+
 def snapshot(dataset: fo.Dataset) -> tuple:
     """What a refused call must leave alone: fields, runs, tags, and the ground truth."""
     dataset.reload()
@@ -148,7 +156,18 @@ def test_resampling_replaces_the_previous_draw(scene_dataset, scene_files):
 
 def test_build_memory_bank_immediately_and_inspect_it(scene_dataset):
     api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
-    run("build_memory_bank", scene_dataset, gt_field="ground_truth", bank_name="b1", **TINY_PARAMS)
+    result = foo.execute_operator(
+        uri("build_memory_bank"),
+        ctx={
+            "dataset": scene_dataset,
+            "params": {"gt_field": "ground_truth", "bank_name": "b1", **TINY_PARAMS},
+        },
+    )
+    # An immediate run streams a progress bar, then shows its summary, then reloads the App.
+    sent = [(r.operator_uri, r.params) for r in result.executor._requests]
+    assert [name for name, _ in sent][-2:] == ["show_output", "reload_dataset"]
+    assert {name for name, _ in sent[:-2]} == {"set_progress"}
+    assert sent[-2][1]["results"]["name"] == "b1"
 
     assert api.list_memory_banks(scene_dataset) == ["b1"]
     bank = api.load_memory_bank(scene_dataset, "b1")
@@ -215,6 +234,9 @@ def test_segment_writes_masks_to_a_new_field_and_records_the_run(banked, delegat
     assert status["status"] == "completed" and status["processed"] == len(targets)
     recorded = banked.get_run_info(api.segment_run_key("pred")).config
     assert recorded.bank_name == "bank" and recorded.ntt_config == TINY.to_dict()
+    if delegated:
+        progress = delegated_progress("segment_with_references", banked)
+        assert progress.progress == 1.0 and progress.label.startswith("Segmented")
 
 
 def test_interrupted_segmentation_is_marked_running_and_skip_done_continues_it(banked):
