@@ -393,9 +393,9 @@ def iter_segment(
         for k, (sample_id, result, error) in enumerate(results):
             if error is not None:
                 failed[sample_id] = error
-                continue
-            writer.add(sample_id, instances_to_detections(result))
-            instances += len(result)
+            else:
+                writer.add(sample_id, instances_to_detections(result))
+                instances += len(result)
             yield (k + 1) / len(sample_ids), f"Segmented {k + 1}/{len(sample_ids)} samples"
     finally:
         # Whatever happens, finished samples are kept so skip_done can continue from them.
