@@ -433,6 +433,13 @@ def _check_backend(backend: str, num_actors: int) -> None:
         raise PluginInputError(f"num_actors must be at least 1, got {num_actors}")
 
 
+def segmented_fields(dataset: fo.Dataset) -> list[str]:
+    """The fields this plugin has written predictions to, newest first."""
+    keys = dataset.list_runs(method=SEGMENT_METHOD)
+    infos = sorted((dataset.get_run_info(k) for k in keys), key=lambda i: i.timestamp)
+    return [info.config.label_field for info in reversed(infos)]
+
+
 def segment_status(dataset: fo.Dataset, label_field: str) -> dict[str, Any] | None:
     """The recorded status and counts of the run that wrote ``label_field`` (None: no record)."""
     run_key = segment_run_key(label_field)
@@ -659,4 +666,5 @@ __all__ = [
     "segment",
     "segment_run_key",
     "segment_status",
+    "segmented_fields",
 ]

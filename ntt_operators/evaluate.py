@@ -31,7 +31,14 @@ class EvaluateSegmentations(foo.Operator):
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Evaluate")
-        forms.detections_field(ctx, inputs, "pred_field", "Predictions", "Predicted instances")
+        forms.detections_field(
+            ctx,
+            inputs,
+            "pred_field",
+            "Predictions",
+            "Predicted instances",
+            preferred=api.segmented_fields(ctx.dataset),
+        )
         gt_field = forms.detections_field(
             ctx, inputs, "gt_field", "Ground truth", "Ground-truth instances"
         )

@@ -6,7 +6,7 @@ passes its values as ``default=`` here and reads params with ``param(ctx, DEFAUL
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import fiftyone.operators as foo
@@ -28,9 +28,17 @@ def param(ctx: foo.ExecutionContext, defaults: dict[str, Any], key: str) -> Any:
 
 
 def detections_field(
-    ctx: foo.ExecutionContext, inputs: types.Object, name: str, label: str, description: str
+    ctx: foo.ExecutionContext,
+    inputs: types.Object,
+    name: str,
+    label: str,
+    description: str,
+    preferred: Sequence[str] = ("ground_truth",),
 ) -> str | None:
-    """A dropdown of the dataset's ``fo.Detections`` fields; returns the chosen one."""
+    """A dropdown of the dataset's ``fo.Detections`` fields; returns the chosen one.
+
+    The default is the first of ``preferred`` that exists, else the first field.
+    """
     fields = api.detection_fields(ctx.dataset)
     if not fields:
         inputs.view(
@@ -38,6 +46,7 @@ def detections_field(
             types.Warning(label="This dataset has no fo.Detections field", description=description),
         )
         return None
+    default = next((field for field in preferred if field in fields), fields[0])
     choices = types.DropdownView()
     for field in fields:
         choices.add_choice(field, label=field)
@@ -45,12 +54,12 @@ def detections_field(
         name,
         choices.values(),
         required=True,
-        default=fields[0],
+        default=default,
         label=label,
         description=description,
         view=choices,
     )
-    return ctx.params.get(name, fields[0])
+    return ctx.params.get(name, default)
 
 
 def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:

@@ -299,6 +299,11 @@ def test_overwrite_replaces_the_field_for_the_selected_samples(banked):
 def test_evaluate_reports_per_class_and_opens_patches(banked):
     targets = banked.match_tags("reference", bool=False).limit(2)
     api.segment(targets, "bank", "pred")
+    ctx = ExecutionContext(request_params={"dataset_name": banked.name, "params": {}})
+    form = OperatorRegistry().get_operator(uri("evaluate_segmentations")).resolve_input(ctx)
+    fields = form.to_json()["type"]["properties"]
+    assert fields["pred_field"]["default"] == "pred"  # the plugin's own predictions first
+    assert fields["gt_field"]["default"] == "ground_truth"
 
     result = foo.execute_operator(
         uri("evaluate_segmentations"),
