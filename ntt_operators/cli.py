@@ -84,6 +84,39 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, type=kind, default=None, help=text)
 
 
+def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("execution backend")
+    group.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="'local': this process; 'ray': Ray Data actors (needs pip install .[ray])",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: start a local one",
+    )
+    group.add_argument(
+        "--num-actors", type=int, default=2, help="Ray actors (model replicas, one per GPU)"
+    )
+    group.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="default: 1 when the device is CUDA (or auto on a cluster with GPUs), else 0",
+    )
+
+
+def _backend_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "backend": args.backend,
+        "ray_address": args.ray_address,
+        "num_actors": args.num_actors,
+        "gpus_per_actor": args.gpus_per_actor,
+    }
+
+
 def config_from_args(args: argparse.Namespace, base: NTTConfig | None = None) -> NTTConfig | None:
     """``base`` (or the paper's config) changed by the flags given; None when none was given."""
     changes = {}
@@ -158,6 +191,7 @@ def _add_reproduce(commands: Subcommands) -> None:
     )
     p.add_argument("--coco-url", default=None, help="a mirror of http://images.cocodataset.org")
     _add_config_flags(p)
+    _add_backend_flags(p)
     p.set_defaults(handler=_reproduce)
 
 
@@ -178,6 +212,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         base_url=args.coco_url or COCO_URL,
         resume=args.resume,
         batch_size=args.batch_size,
+        **_backend_kwargs(args),
     )
     untrained = config.weights == "random"
     if untrained:
@@ -279,6 +314,7 @@ def _add_segment(commands: Subcommands) -> None:
     p.add_argument("--skip-done", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     _add_config_flags(p)
+    _add_backend_flags(p)
     p.set_defaults(handler=_segment)
 
 
@@ -295,6 +331,7 @@ def _segment(args: argparse.Namespace) -> int:
         skip_done=args.skip_done,
         config=config_from_args(args, recorded),
         batch_size=args.batch_size,
+        **_backend_kwargs(args),
     )
     print(", ".join(f"{key}: {value}" for key, value in summary.items()))
     return 0

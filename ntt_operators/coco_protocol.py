@@ -60,6 +60,11 @@ class ReproduceSettings:
     base_url: str = COCO_URL
     resume: bool = False
     batch_size: int = 16
+    backend: str = "local"
+    """``api.segment``'s execution backend: ``local`` or ``ray`` (with the three below)."""
+    ray_address: str | None = None
+    num_actors: int = 2
+    gpus_per_actor: float | None = None
 
     @property
     def run_name(self) -> str:
@@ -275,6 +280,10 @@ def _segment(view: fo.DatasetView, settings: ReproduceSettings, names: dict, log
         skip_done=settings.resume,
         config=settings.config,
         batch_size=settings.batch_size,
+        backend=settings.backend,
+        ray_address=settings.ray_address,
+        num_actors=settings.num_actors,
+        gpus_per_actor=settings.gpus_per_actor,
     )
     for sample_id, message in summary["failed"].items():
         log(f"WARNING: sample {sample_id} failed and scores as empty: {message}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import fiftyone.operators as foo
@@ -18,6 +19,10 @@ DEFAULTS = {
     "skip_done": False,
     "batch_size": 16,
     "device": "",
+    "backend": "local",
+    "ray_address": "",
+    "num_actors": 2,
+    "gpus_per_actor": None,
 }
 
 
@@ -64,6 +69,12 @@ class SegmentWithReferences(foo.Operator):
             default=DEFAULTS["overwrite"],
             label="Replace the field if it exists",
         )
+        inputs.view(
+            "advanced_header",
+            types.Header(
+                label="Advanced", description="Where and how the models run", divider=True
+            ),
+        )
         inputs.int("batch_size", default=DEFAULTS["batch_size"], min=1, label="Write batch size")
         inputs.str(
             "device",
@@ -71,6 +82,7 @@ class SegmentWithReferences(foo.Operator):
             label="Device",
             description="auto, cpu, cuda or cuda:N; empty: as the bank was built",
         )
+        _backend_fields(ctx, inputs)
         if bank_name:
             recorded = api.memory_bank_config(ctx.dataset, bank_name)
             models = recorded["ntt_config"]
@@ -98,11 +110,60 @@ class SegmentWithReferences(foo.Operator):
             skip_done=forms.param(ctx, DEFAULTS, "skip_done"),
             config=config,
             batch_size=forms.param(ctx, DEFAULTS, "batch_size"),
+            backend=forms.param(ctx, DEFAULTS, "backend"),
+            ray_address=forms.param(ctx, DEFAULTS, "ray_address") or None,
+            num_actors=forms.param(ctx, DEFAULTS, "num_actors"),
+            gpus_per_actor=forms.param(ctx, DEFAULTS, "gpus_per_actor"),
         )
         return forms.run_with_progress(ctx, _with_failure_rows(steps), segment_outputs)
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         return segment_outputs()
+
+
+def _backend_fields(ctx: foo.ExecutionContext, inputs: types.Object) -> None:
+    """The execution backend; the Ray settings only once Ray is chosen."""
+    choices = types.RadioGroup(orientation="vertical")
+    choices.add_choice("local", label="Local", description="This process, one image at a time")
+    choices.add_choice(
+        "ray",
+        label="Ray",
+        description="Ray Data actors (one per GPU) on a local or existing cluster",
+    )
+    inputs.enum(
+        "backend",
+        choices.values(),
+        default=DEFAULTS["backend"],
+        label="Execution backend",
+        view=choices,
+    )
+    if forms.param(ctx, DEFAULTS, "backend") != "ray":
+        return
+    if importlib.util.find_spec("ray") is None:
+        inputs.view(
+            "ray_missing",
+            types.Warning(label="Ray is not installed here: pip install .[ray]"),
+        )
+    inputs.str(
+        "ray_address",
+        default=DEFAULTS["ray_address"],
+        label="Ray cluster address",
+        description="'auto' from a node of a running cluster, or ray://host:10001; "
+        "empty: start a local cluster",
+    )
+    inputs.int(
+        "num_actors",
+        default=DEFAULTS["num_actors"],
+        min=1,
+        label="Actors",
+        description="How many model replicas run at once (one per GPU)",
+    )
+    inputs.float(
+        "gpus_per_actor",
+        min=0,
+        label="GPUs per actor",
+        description="Empty: 1 when the device is CUDA (or auto on a cluster with GPUs), else 0",
+    )
 
 
 def _warn_about_output_field(

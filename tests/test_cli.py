@@ -252,3 +252,50 @@ def test_main_job_offline_stops_at_the_first_missing_file(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("ntt: error: COCO file") and "annotations_trainval2017.zip" in last
     assert "Traceback" not in done.stderr
+
+
+def test_backend_flags_reach_api_segment(monkeypatch):
+    """``segment`` and ``reproduce`` pass --backend and the Ray settings through unchanged."""
+    from ntt_core import NTTConfig
+    from ntt_operators import api, coco_protocol
+
+    calls = []
+    monkeypatch.setattr(api, "memory_bank_config", lambda *_: {"ntt_config": {}})
+    monkeypatch.setattr(api, "segment", lambda *a, **kw: calls.append(kw) or {"failed": {}})
+    fo.Dataset("cli-backend")
+    ray = ["--backend", "ray", "--ray-address", "auto", "--num-actors", "3"]
+    code, out, err = run_cli("segment", "--dataset", "cli-backend", "--bank", "b", *ray)
+    assert code == 0, err
+    code, _, err = run_cli(
+        "segment", "--dataset", "cli-backend", "--bank", "b", "--gpus-per-actor", "0.5"
+    )
+    assert code == 0, err
+    wanted = [
+        {"backend": "ray", "ray_address": "auto", "num_actors": 3, "gpus_per_actor": None},
+        {"backend": "local", "ray_address": None, "num_actors": 2, "gpus_per_actor": 0.5},
+    ]
+    assert [{k: kw[k] for k in wanted[0]} for kw in calls] == wanted
+
+    class Stop(Exception):
+        pass
+
+    def capture(settings, log):
+        calls.append(settings)
+        raise Stop
+
+    monkeypatch.setattr(coco_protocol, "reproduce", capture)
+    with pytest.raises(Stop):
+        run_cli(*reproduce_args(Path("unused"), "unused", *ray, "--gpus-per-actor", "1"))
+    settings = calls.pop()
+    assert (settings.backend, settings.ray_address) == ("ray", "auto")
+    assert (settings.num_actors, settings.gpus_per_actor) == (3, 1.0)
+    coco_protocol._segment(
+        fo.Dataset().view(), settings, dict.fromkeys(("bank", "label_field", "ref_tag"), "x"), print
+    )
+    assert {k: calls[-1][k] for k in wanted[0]} == {
+        "backend": "ray",
+        "ray_address": "auto",
+        "num_actors": 3,
+        "gpus_per_actor": 1.0,
+    }
+    assert isinstance(settings.config, NTTConfig)

@@ -239,6 +239,51 @@ def test_segment_writes_masks_to_a_new_field_and_records_the_run(banked, delegat
         assert progress.progress == 1.0 and progress.label.startswith("Segmented")
 
 
+def test_segment_form_offers_ray_and_execute_passes_its_settings(banked, monkeypatch):
+    operator = OperatorRegistry().get_operator(uri("segment_with_references"))
+
+    def form(**params):
+        ctx = ExecutionContext(
+            request_params={"dataset_name": banked.name, "params": {"bank_name": "bank", **params}}
+        )
+        return operator.resolve_input(ctx).to_json()["type"]["properties"]
+
+    ray_fields = {"ray_address", "num_actors", "gpus_per_actor"}
+    local = form()
+    assert local["advanced_header"]["view"]["label"] == "Advanced"
+    assert local["backend"]["type"]["values"] == ["local", "ray"]
+    assert local["backend"]["default"] == "local" and not ray_fields & set(local)
+    assert ray_fields <= set(form(backend="ray"))
+
+    seen = {}
+
+    def fake_iter_segment(*args, **kwargs):
+        seen.update(kwargs)
+        yield 1.0, "done"
+        return {"label_field": "pred", "failed": {}}
+
+    monkeypatch.setattr(api, "iter_segment", fake_iter_segment)
+    run("segment_with_references", banked, bank_name="bank", label_field="pred")
+    assert (seen["backend"], seen["ray_address"], seen["num_actors"]) == ("local", None, 2)
+    run(
+        "segment_with_references",
+        banked,
+        True,
+        bank_name="bank",
+        label_field="pred",
+        backend="ray",
+        ray_address="auto",
+        num_actors=1,
+        gpus_per_actor=0.5,
+    )
+    assert {k: seen[k] for k in ("backend", "ray_address", "num_actors", "gpus_per_actor")} == {
+        "backend": "ray",
+        "ray_address": "auto",
+        "num_actors": 1,
+        "gpus_per_actor": 0.5,
+    }
+
+
 def test_interrupted_segmentation_is_marked_running_and_skip_done_continues_it(banked):
     class Interrupt(Exception):
         pass
