@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .bank import MemoryBank
+from .cache import ProposalStore, predict_cached
 from .config import NTTConfig
 from .errors import NTTError
 from .pipeline import NTTPredictor
@@ -33,10 +34,19 @@ _MAX_TASK_RETRIES = 3
 
 
 def predict_or_error(
-    predictor: NTTPredictor, filepath: str, bank: MemoryBank
+    predictor: NTTPredictor,
+    filepath: str,
+    bank: MemoryBank,
+    store: ProposalStore | None = None,
+    key: str = "",
 ) -> tuple[Instances | None, str | None]:
-    """One image's instances, or the reason it failed (an unreadable image must not stop a run)."""
+    """One image's instances, or the reason it failed (an unreadable image must not stop a run).
+
+    With a ``store``, proposals cached under ``key`` are re-scored instead of recomputed.
+    """
     try:
+        if store is not None:
+            return predict_cached(predictor, filepath, bank, store, key)[0], None
         return predictor.predict(filepath, bank), None
     except NTTError as error:
         return None, f"{type(error).__name__}: {error}"

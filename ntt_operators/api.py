@@ -20,10 +20,12 @@ import fiftyone as fo
 import numpy as np
 
 from ntt_core import MemoryBank, NTTConfig, NTTError, NTTPredictor, Reference
-from ntt_core.errors import BankError, ReferenceInputError
+from ntt_core.cache import ProposalStore
+from ntt_core.errors import BankError, BankMismatchError, ReferenceInputError
 from ntt_core.fewshot import sample_references as sample_annotations
 from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
+from . import locks
 from .labels import (
     FieldWriter,
     annotations,
@@ -31,6 +33,7 @@ from .labels import (
     instances_to_detections,
     iter_instances,
 )
+from .proposal_cache import proposal_store
 
 Collection = fo.core.collections.SampleCollection
 Progress = Callable[[float, str], None]
@@ -207,7 +210,26 @@ def list_memory_banks(dataset: fo.Dataset) -> list[str]:
 def load_memory_bank(dataset: fo.Dataset, bank_name: str) -> MemoryBank:
     _require_bank(dataset, bank_name)
     results = dataset.load_run_results(bank_name, cache=False, load_view=False)
-    return MemoryBank.from_bytes(results.bank)
+    blob = getattr(results, "bank", None)
+    if not isinstance(blob, bytes):
+        raise BankError(
+            f"Memory bank {bank_name!r} has no stored data (its build was interrupted?); "
+            "rebuild it with overwrite=True"
+        )
+    try:
+        bank = MemoryBank.from_bytes(blob)
+    except BankError as error:
+        message = f"Memory bank {bank_name!r}: {error}; rebuild it with overwrite=True"
+        raise BankError(message) from error
+    recorded = dataset.get_run_info(bank_name).config
+    if (bank.classes, bank.encoder) != (list(recorded.classes), recorded.encoder):
+        # The stored bytes were swapped or edited after the build: refuse rather than guess.
+        raise BankMismatchError(
+            f"Memory bank {bank_name!r} holds classes {bank.classes} from {bank.encoder!r}, but "
+            f"its record says {list(recorded.classes)} from {recorded.encoder!r}; rebuild it "
+            "with overwrite=True"
+        )
+    return bank
 
 
 def memory_bank_config(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
@@ -286,6 +308,7 @@ def segment(
     ray_address: str | None = None,
     num_actors: int = 2,
     gpus_per_actor: float | None = None,
+    reuse_proposals: bool = False,
 ) -> dict[str, Any]:
     """Predicts instance masks for every target sample into ``label_field`` (``fo.Detections``).
 
@@ -298,6 +321,10 @@ def segment(
     ``backend="ray"`` predicts on Ray Data actors (``num_actors``, ``gpus_per_actor``; the cluster
     at ``ray_address``, else a local one) with the same per-image function, and this process
     writes their results; see ``ntt_core.ray_backend.segment_on_ray``.
+
+    ``reuse_proposals`` keeps each sample's proposals in the dataset's execution store and
+    re-scores them when the same models see the same image again: after a bank changes, only the
+    matching reruns (``clear_proposal_cache`` empties the store).
     """
     steps = iter_segment(
         dataset_or_view,
@@ -312,6 +339,7 @@ def segment(
         ray_address=ray_address,
         num_actors=num_actors,
         gpus_per_actor=gpus_per_actor,
+        reuse_proposals=reuse_proposals,
     )
     return drive_steps(steps, progress)
 
@@ -329,6 +357,7 @@ def iter_segment(
     ray_address: str | None = None,
     num_actors: int = 2,
     gpus_per_actor: float | None = None,
+    reuse_proposals: bool = False,
 ) -> Steps:
     """``segment`` as progress steps; returns the summary."""
     dataset = _root(dataset_or_view)
@@ -340,7 +369,7 @@ def iter_segment(
         _require_same_bank(dataset, run_key, label_field, bank_name)
     if batch_size < 1:
         raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
-    _check_backend(backend, num_actors)
+    _check_backend(backend, num_actors, reuse_proposals)
     config = config or NTTConfig.from_dict(recorded["ntt_config"])
     targets = dataset_or_view
     if exclude_tag:
@@ -350,6 +379,11 @@ def iter_segment(
     todo = targets.exists(label_field, False) if (skip_done and exists) else targets
     sample_ids, filepaths = todo.values(["id", "filepath"])
     skipped = len(targets) - len(sample_ids)
+    if not len(targets):
+        left_out = f" once samples tagged {exclude_tag!r} are left out" if exclude_tag else ""
+        raise PluginInputError(
+            f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
+        )
 
     yield 0.0, "Loading models"
     if backend == "ray":
@@ -366,50 +400,58 @@ def iter_segment(
         predictor = NTTPredictor(config)
         # Refuse a bank from another encoder now, not once per sample.
         bank.check_compatible(predictor.encoder_identity, config.encoder_image_size)
-        results = _predict_locally(predictor, bank, sample_ids, filepaths)
+        store = proposal_store(dataset, config) if reuse_proposals else None
+        results = _predict_locally(predictor, bank, sample_ids, filepaths, store)
 
-    run_config = targets.init_run(
-        method=SEGMENT_METHOD,
-        bank_name=bank_name,
-        label_field=label_field,
-        gt_field=recorded["gt_field"],
-        exclude_tag=exclude_tag,
-        ntt_config=config.to_dict(),
-    )
-    # The record says "running" before the field changes, so a partial field never looks done.
-    targets.register_run(run_key, run_config, overwrite=True)
-    _save_status(dataset, run_key, RUNNING, processed=0, skipped=skipped, failed={}, instances=0)
-    if exists and not skip_done:
-        dataset.delete_sample_field(label_field)
-    if not dataset.has_sample_field(label_field):
-        dataset.add_sample_field(
-            label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
-        )
-
-    writer = FieldWriter(dataset, label_field, batch_size)
-    failed: dict[str, str] = {}
-    instances = 0
+    # One writer per field: a second run would interleave its samples and its run record.
+    owner = locks.acquire(dataset, label_field)
     try:
-        for k, (sample_id, result, error) in enumerate(results):
-            if error is not None:
-                failed[sample_id] = error
-            else:
-                writer.add(sample_id, instances_to_detections(result))
-                instances += len(result)
-            yield (k + 1) / len(sample_ids), f"Segmented {k + 1}/{len(sample_ids)} samples"
+        run_config = targets.init_run(
+            method=SEGMENT_METHOD,
+            bank_name=bank_name,
+            label_field=label_field,
+            gt_field=recorded["gt_field"],
+            exclude_tag=exclude_tag,
+            ntt_config=config.to_dict(),
+        )
+        # The record says "running" before the field changes, so a partial field never looks done.
+        targets.register_run(run_key, run_config, overwrite=True)
+        _save_status(
+            dataset, run_key, RUNNING, processed=0, skipped=skipped, failed={}, instances=0
+        )
+        if exists and not skip_done:
+            dataset.delete_sample_field(label_field)
+        if not dataset.has_sample_field(label_field):
+            dataset.add_sample_field(
+                label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+            )
+
+        writer = FieldWriter(dataset, label_field, batch_size)
+        failed: dict[str, str] = {}
+        instances = 0
+        try:
+            for k, (sample_id, result, error) in enumerate(results):
+                if error is not None:
+                    failed[sample_id] = error
+                else:
+                    writer.add(sample_id, instances_to_detections(result))
+                    instances += len(result)
+                yield (k + 1) / len(sample_ids), f"Segmented {k + 1}/{len(sample_ids)} samples"
+        finally:
+            # Whatever happens, finished samples are kept so skip_done can continue from them.
+            writer.flush()
+        summary = {
+            "label_field": label_field,
+            "bank_name": bank_name,
+            "run_key": run_key,
+            "processed": writer.written,
+            "skipped": skipped,
+            "failed": failed,
+            "instances": instances,
+        }
+        _save_status(dataset, run_key, COMPLETED, **{k: summary[k] for k in _COUNTS})
     finally:
-        # Whatever happens, finished samples are kept so skip_done can continue from them.
-        writer.flush()
-    summary = {
-        "label_field": label_field,
-        "bank_name": bank_name,
-        "run_key": run_key,
-        "processed": writer.written,
-        "skipped": skipped,
-        "failed": failed,
-        "instances": instances,
-    }
-    _save_status(dataset, run_key, COMPLETED, **{k: summary[k] for k in _COUNTS})
+        locks.release(dataset, label_field, owner)
     yield 1.0, f"Segmented {writer.written} samples into {label_field!r}"
     return summary
 
@@ -418,19 +460,26 @@ _COUNTS = ("processed", "skipped", "failed", "instances")
 
 
 def _predict_locally(
-    predictor: NTTPredictor, bank: MemoryBank, sample_ids: list[str], filepaths: list[str]
+    predictor: NTTPredictor,
+    bank: MemoryBank,
+    sample_ids: list[str],
+    filepaths: list[str],
+    store: ProposalStore | None,
 ) -> Iterator[Result]:
     for sample_id, filepath in zip(sample_ids, filepaths):
-        yield sample_id, *predict_or_error(predictor, filepath, bank)
+        yield sample_id, *predict_or_error(predictor, filepath, bank, store, sample_id)
 
 
-def _check_backend(backend: str, num_actors: int) -> None:
+def _check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
     if backend not in ("local", "ray"):
         raise PluginInputError(f"backend must be 'local' or 'ray', got {backend!r}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         raise PluginInputError("backend='ray' needs the optional extra: pip install .[ray]")
     if num_actors < 1:
         raise PluginInputError(f"num_actors must be at least 1, got {num_actors}")
+    if backend == "ray" and reuse_proposals:
+        # Ray workers never talk to MongoDB, where the cache lives.
+        raise PluginInputError("reuse_proposals works with backend='local' only")
 
 
 def segmented_fields(dataset: fo.Dataset) -> list[str]:

@@ -1,0 +1,66 @@
+"""Re-scoring from cached proposals, through the plugin API and the dataset's execution store."""
+
+import fiftyone as fo
+import pytest
+
+from ntt_core import NTTConfig
+from ntt_operators import api
+from ntt_operators.api import PluginInputError
+from ntt_operators.proposal_cache import cached_proposal_count, clear_proposal_cache
+
+TINY = NTTConfig.tiny(weights="random", device="cpu")
+
+
+def _predictions(dataset: fo.Dataset, field: str) -> list:
+    return [
+        [
+            (d.label, round(d.confidence, 6), d.bounding_box, d.mask.tolist())
+            for d in dets.detections
+        ]
+        for dets in dataset.values(field)
+        if dets is not None
+    ]
+
+
+def test_a_new_bank_rescored_from_cache_matches_full_inference(scene_dataset):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "one_shot", config=TINY)
+    api.segment(scene_dataset, "one_shot", "first", reuse_proposals=True)
+    targets = len(scene_dataset.match_tags("reference", bool=False))
+    assert cached_proposal_count(scene_dataset) == targets
+
+    # The curator adds references: a new bank. Re-scoring uses the cached proposals ...
+    api.sample_references(scene_dataset, "ground_truth", shots=2, seed=5, tag="more")
+    api.build_memory_bank(scene_dataset, "ground_truth", "two_shot", ref_tag="more", config=TINY)
+    api.segment(
+        scene_dataset, "two_shot", "rescored", exclude_tag="reference", reuse_proposals=True
+    )
+    # ... and gives exactly what running the models again gives.
+    api.segment(scene_dataset, "two_shot", "recomputed", exclude_tag="reference")
+    assert _predictions(scene_dataset, "rescored") == _predictions(scene_dataset, "recomputed")
+    assert len(_predictions(scene_dataset, "rescored")) == targets
+
+
+def test_the_cache_is_cleared_on_demand_and_with_the_dataset(scene_dataset):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    api.segment(scene_dataset.limit(3), "bank", "ntt", exclude_tag=None, reuse_proposals=True)
+    assert cached_proposal_count(scene_dataset) == 3
+    assert clear_proposal_cache(scene_dataset) == 3
+    assert cached_proposal_count(scene_dataset) == 0
+
+    api.segment(scene_dataset.limit(2), "bank", "ntt2", exclude_tag=None, reuse_proposals=True)
+    from fiftyone.operators.store import ExecutionStoreService
+
+    dataset_id = scene_dataset._doc.id
+    scene_dataset.delete()
+    assert ExecutionStoreService(dataset_id=dataset_id).list_stores() == []
+
+
+def test_the_cache_is_refused_with_ray_before_anything_changes(scene_dataset):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    pytest.importorskip("ray")
+    with pytest.raises(PluginInputError, match="reuse_proposals"):
+        api.segment(scene_dataset, "bank", "ntt", backend="ray", reuse_proposals=True)
+    assert not scene_dataset.has_sample_field("ntt")
