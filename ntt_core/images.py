@@ -27,7 +27,8 @@ def load_image(path: str | Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
+                # In place: no second full-size copy when there is nothing to rotate.
+                ImageOps.exif_transpose(image, in_place=True)
                 return _to_rgb8(image)
     except (
         UnidentifiedImageError,
@@ -65,7 +66,9 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
         span = max(float(values.max() - values.min()), 1e-12)
         gray = ((values - values.min()) / span * 255.0 + 0.5).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    return np.array(image.convert("RGB"), dtype=np.uint8)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)
 
 
 def resize_square_pil(image: np.ndarray, size: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ntt_core import Instances
+from ntt_core.errors import ReferenceInputError
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,14 @@ class GroundTruthInstance:
         return f"{self.sample_id}:{self.detection.id}"
 
     def box_xywh(self) -> tuple[float, float, float, float]:
-        x, y, w, h = self.detection.bounding_box
+        box = self.detection.bounding_box
+        if box is None or len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+            raise ReferenceInputError(
+                f"Reference label {self.detection.id} ({self.detection.label!r}) of sample "
+                f"{self.sample_id} has no usable bounding box ({box}): a reference needs a box, "
+                "with or without a mask. Fix the label or untag it"
+            )
+        x, y, w, h = box
         return (x * self.width, y * self.height, w * self.width, h * self.height)
 
     def box_xyxy(self) -> tuple[float, float, float, float]:
@@ -84,7 +92,10 @@ def ensure_metadata(collection: fo.core.collections.SampleCollection) -> None:
 def iter_instances(
     collection: fo.core.collections.SampleCollection, gt_field: str
 ) -> Iterator[GroundTruthInstance]:
-    """Every detection of ``gt_field`` in ``collection``, in sample order (metadata required)."""
+    """Every detection of ``gt_field`` in ``collection``, in sample order (metadata required).
+
+    FiftyOne's metadata holds the upright size (EXIF applied), the frame ``load_image`` reads.
+    """
     for sample in collection.select_fields(gt_field).iter_samples():
         labels = sample[gt_field]
         if labels is None:
