@@ -186,6 +186,17 @@ def _wants_official(weights: str) -> bool:
     return weights == "official"
 
 
+def encoder_identity(config: NTTConfig) -> str:
+    """What a memory bank records as its encoder: the model, and whether its weights are random.
+
+    Computed from the config alone, so a driver can refuse a foreign bank without loading models.
+    """
+    text = str(config.encoder_model)
+    entry = CHECKPOINTS.get(text) or find_by_file_name(text)
+    name = entry.name if entry else Path(text).stem
+    return f"{name} (random weights)" if config.weights == "random" else name
+
+
 def _identify(name_or_path: str | Path, kind: str) -> Checkpoint | None:
     """The registry entry a name or official file name stands for; None for another local file."""
     text = str(name_or_path)

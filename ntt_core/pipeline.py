@@ -21,7 +21,7 @@ from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
-from .models import load_models
+from .models import encoder_identity, load_models
 from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
 from .proposals import Proposals, decode_box, decode_points, point_grid, sam2_predictor
 from .references import Reference, encode_references
@@ -48,8 +48,7 @@ class NTTPredictor:
     @property
     def encoder_identity(self) -> str:
         """What a bank records as its encoder: the model, and whether its weights are random."""
-        suffix = " (random weights)" if self.config.weights == "random" else ""
-        return f"{self.encoder.name}{suffix}"
+        return encoder_identity(self.config)
 
     # -- references -------------------------------------------------------------------------
 

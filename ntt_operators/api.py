@@ -23,6 +23,7 @@ from ntt_core import MemoryBank, NTTConfig, NTTError, NTTPredictor, Reference
 from ntt_core.cache import ProposalStore
 from ntt_core.errors import BankError, BankMismatchError, ReferenceInputError
 from ntt_core.fewshot import sample_references as sample_annotations
+from ntt_core.models import encoder_identity
 from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
 from . import locks
@@ -385,6 +386,8 @@ def iter_segment(
             f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
         )
 
+    # Refuse a bank from another encoder now, on either backend, not once per sample.
+    bank.check_compatible(encoder_identity(config), config.encoder_image_size)
     yield 0.0, "Loading models"
     if backend == "ray":
         # Lazy: the actors start when the loop below asks for the first result.
@@ -398,8 +401,6 @@ def iter_segment(
         )
     else:
         predictor = NTTPredictor(config)
-        # Refuse a bank from another encoder now, not once per sample.
-        bank.check_compatible(predictor.encoder_identity, config.encoder_image_size)
         store = proposal_store(dataset, config) if reuse_proposals else None
         results = _predict_locally(predictor, bank, sample_ids, filepaths, store)
 

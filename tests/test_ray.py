@@ -148,3 +148,16 @@ def _assert_same_detections(want, got) -> None:
         assert (b.label, b.bounding_box) == (a.label, a.bounding_box)
         np.testing.assert_array_equal(b.mask, a.mask)
         assert b.confidence == pytest.approx(a.confidence, abs=1e-6)
+
+
+def test_a_foreign_bank_is_refused_before_ray_starts(scene_dataset):
+    from ntt_core.errors import BankMismatchError
+    from ntt_operators import api
+
+    tiny = NTTConfig.tiny(weights="random", device="cpu")
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=tiny)
+    other_encoder = tiny.replace(encoder_model="dinov2_vitb14")
+    with pytest.raises(BankMismatchError, match="dinov2_vitb14"):
+        api.segment(scene_dataset, "bank", "ntt", config=other_encoder, backend="ray")
+    assert not scene_dataset.has_sample_field("ntt")
