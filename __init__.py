@@ -15,7 +15,7 @@ if importlib.util.find_spec("ntt_operators") is None:
 from ntt_operators.bank import BuildMemoryBank, DeleteMemoryBank, GetMemoryBankInfo  # noqa: E402
 from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
 from ntt_operators.references import SampleReferences  # noqa: E402
-from ntt_operators.segment import SegmentWithReferences  # noqa: E402
+from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
 OPERATORS = (
     SampleReferences,
@@ -23,6 +23,7 @@ OPERATORS = (
     GetMemoryBankInfo,
     DeleteMemoryBank,
     SegmentWithReferences,
+    ClearProposalCache,
     EvaluateSegmentations,
     LoadEvaluationPatches,
 )

@@ -11,12 +11,14 @@ import fiftyone.operators.types as types
 from ntt_core import NTTConfig
 
 from . import api, forms
+from .proposal_cache import cached_proposal_count, clear_proposal_cache
 
 DEFAULTS = {
     "label_field": "ntt_predictions",
     "exclude_tag": "reference",
     "overwrite": False,
     "skip_done": False,
+    "reuse_proposals": False,
     "batch_size": 16,
     "device": "",
     "backend": "local",
@@ -69,6 +71,13 @@ class SegmentWithReferences(foo.Operator):
             default=DEFAULTS["overwrite"],
             label="Replace the field if it exists",
         )
+        inputs.bool(
+            "reuse_proposals",
+            default=DEFAULTS["reuse_proposals"],
+            label="Re-use cached proposals",
+            description="Keep each image's SAM2 proposals and re-score them with later banks: "
+            "after adding or removing references, only the matching reruns (local backend)",
+        )
         inputs.view(
             "advanced_header",
             types.Header(
@@ -114,6 +123,7 @@ class SegmentWithReferences(foo.Operator):
             ray_address=forms.param(ctx, DEFAULTS, "ray_address") or None,
             num_actors=forms.param(ctx, DEFAULTS, "num_actors"),
             gpus_per_actor=forms.param(ctx, DEFAULTS, "gpus_per_actor"),
+            reuse_proposals=forms.param(ctx, DEFAULTS, "reuse_proposals"),
         )
         return forms.run_with_progress(ctx, _with_failure_rows(steps), segment_outputs)
 
@@ -206,3 +216,22 @@ def segment_outputs() -> types.Property:
     table.add_column("error", label="Error")
     outputs.list("failures", types.Object(), label="Failures", view=table)
     return types.Property(outputs, view=types.View(label="Segmentation done"))
+
+
+class ClearProposalCache(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="clear_proposal_cache",
+            label="Clear cached proposals",
+            description="Delete the SAM2 proposals kept for re-scoring; predictions are kept",
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        count = cached_proposal_count(ctx.dataset)
+        inputs.view("count", types.Notice(label=f"{count} cached image(s) in this dataset"))
+        return types.Property(inputs, view=types.View(label="Clear cached proposals"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict:
+        return {"removed": clear_proposal_cache(ctx.dataset)}

@@ -1,7 +1,9 @@
 """Re-scoring from cached proposals, through the plugin API and the dataset's execution store."""
 
 import fiftyone as fo
+import fiftyone.operators as foo
 import pytest
+from fiftyone.operators.delegated import DelegatedOperationService
 
 from ntt_core import NTTConfig
 from ntt_operators import api
@@ -9,6 +11,19 @@ from ntt_operators.api import PluginInputError
 from ntt_operators.proposal_cache import cached_proposal_count, clear_proposal_cache
 
 TINY = NTTConfig.tiny(weights="random", device="cpu")
+PLUGIN = "@ntt/no_time_to_train"
+
+
+def run(name: str, view, delegated: bool = False, **params):
+    result = foo.execute_operator(
+        f"{PLUGIN}/{name}", ctx={"view": view.view(), "params": params},
+        request_delegation=delegated,
+    )  # fmt: skip
+    if not delegated:
+        return result.result
+    (done,) = DelegatedOperationService().execute_queued_operations(operator=f"{PLUGIN}/{name}")
+    assert done.error is None, done.error
+    return done.result
 
 
 def _predictions(dataset: fo.Dataset, field: str) -> list:
@@ -41,11 +56,28 @@ def test_a_new_bank_rescored_from_cache_matches_full_inference(scene_dataset):
     assert len(_predictions(scene_dataset, "rescored")) == targets
 
 
+@pytest.mark.parametrize("delegated", [False, True])
+def test_the_operators_fill_and_clear_the_cache(scene_dataset, delegated):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    run(
+        "segment_with_references",
+        scene_dataset.limit(3),
+        delegated,
+        bank_name="bank",
+        label_field="ntt",
+        exclude_tag="",
+        reuse_proposals=True,
+    )
+    assert cached_proposal_count(scene_dataset) == 3
+    assert run("clear_proposal_cache", scene_dataset) == {"removed": 3}
+    assert cached_proposal_count(scene_dataset) == 0
+
+
 def test_the_cache_is_cleared_on_demand_and_with_the_dataset(scene_dataset):
     api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
     api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
     api.segment(scene_dataset.limit(3), "bank", "ntt", exclude_tag=None, reuse_proposals=True)
-    assert cached_proposal_count(scene_dataset) == 3
     assert clear_proposal_cache(scene_dataset) == 3
     assert cached_proposal_count(scene_dataset) == 0
 
