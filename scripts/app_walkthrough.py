@@ -20,6 +20,7 @@ Python client, never ``playwright install`` (which downloads browsers)::
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import io
 import os
@@ -262,6 +263,11 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ntt-walkthrough-"))
     mongod = isolate(work)
+    # Registered before fiftyone is imported, so these run after FiftyOne's own exit handlers
+    # (which still talk to the database): stop our mongod, then delete the scratch folder.
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    atexit.register(mongod.wait, timeout=30)
+    atexit.register(mongod.terminate)
     sys.path.insert(0, str(ROOT))
     session = None
     try:
@@ -293,10 +299,7 @@ def main() -> int:
         photograph(session, dataset, eval_key, url, args.out, args.wait)
     finally:
         if session is not None:
-            session.close()
-        mongod.terminate()
-        mongod.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+            session.close()  # stops the App server
     return 0
 
 
