@@ -110,7 +110,7 @@ def _is_valid(ann: Mapping, sizes: Mapping) -> bool:
 
 
 def _sample_category(
-    category: Hashable,
+    category: str,
     anns: list[Mapping],
     sizes: Mapping,
     shots: int,
@@ -128,7 +128,7 @@ def _sample_category(
                 break
     if len(chosen) < shots and not (allow_repeats and chosen):
         raise ReferenceInputError(
-            f"category {category!r} has {len(chosen)} usable reference instances among "
+            f"class {category!r} has {len(chosen)} usable reference instances among "
             f"{len(anns)} annotations, but {shots} shots were asked (usable: not crowd, box "
             f">= {MIN_BOX_SIDE}x{MIN_BOX_SIDE} px, >= {MIN_BORDER_GAP} px from the image borders, "
             "one per image); ask for fewer shots or allow repeats"
@@ -144,6 +144,7 @@ def sample_references(
     shots: int,
     seed: int,
     allow_repeats: bool = False,
+    category_names: Mapping[Hashable, str] | None = None,
 ) -> dict[Hashable, list[ReferenceChoice]]:
     """Pick ``shots`` reference annotations per category, exactly as the paper's protocol does.
 
@@ -152,14 +153,18 @@ def sample_references(
     ``random.Random(seed)`` gives the same shuffles as the paper's ``random.seed(seed)``
     without touching global state. With ``allow_repeats``, a category with fewer usable
     annotations than ``shots`` cycles through the ones it has instead of raising.
+    ``category_names`` lets an error name a class rather than its id.
     """
     if shots < 1:
         raise ReferenceInputError(f"shots must be at least 1, got {shots}")
     sizes = _image_sizes(image_sizes)
     rng = random.Random(seed)
+    names = category_names or {}
     groups = _group_by_category(annotations, class_ids)
     # Categories are sampled in first-seen order: the shared generator makes order matter.
     return {
-        category: _sample_category(category, anns, sizes, shots, rng, allow_repeats)
+        category: _sample_category(
+            names.get(category, category), anns, sizes, shots, rng, allow_repeats
+        )
         for category, anns in groups.items()
     }

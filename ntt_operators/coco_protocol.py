@@ -168,8 +168,10 @@ def sample_coco_references(
 ) -> dict[str, list[ReferenceChoice]]:
     """The paper's picks for ``classes`` on a COCO annotation dict, keyed by class name."""
     ids = class_ids_by_name(coco["categories"], classes)
-    picks = sample_references(coco["annotations"], coco["images"], ids, shots, seed)
     name_of = {c["id"]: c["name"] for c in coco["categories"]}
+    picks = sample_references(
+        coco["annotations"], coco["images"], ids, shots, seed, category_names=name_of
+    )
     return {name_of[category]: refs for category, refs in picks.items()}
 
 

@@ -152,7 +152,9 @@ def test_too_few_usable_references_is_one_clear_error(tmp_path):
     root = write_coco_root(tmp_path, CLASSES, 50, 2, seed=5)
     code, out, err = run_cli(*reproduce_args(root, "cli-too-few"))
     assert code == 2 and not out
-    assert err.strip().splitlines()[-1].startswith("ntt: error: category")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ntt: error: class '")  # named, not a COCO category id
+    assert last.split("'")[1] in CLASSES
     assert "usable reference instances" in err and "2 shots were asked" in err
 
 

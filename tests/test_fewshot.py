@@ -162,7 +162,7 @@ GOOD = [50, 20, 40, 40]
 )
 def test_each_rule_excludes(last, kwargs):
     anns, sizes = _one_category([GOOD, GOOD, last], **kwargs)
-    with pytest.raises(ReferenceInputError, match=r"category 1 has 2 usable .* among 3 .* 3 shots"):
+    with pytest.raises(ReferenceInputError, match=r"class 1 has 2 usable .* among 3 .* 3 shots"):
         sample_references(anns, sizes, None, shots=3, seed=0)
     refs = sample_references(anns, sizes, None, shots=2, seed=0)
     assert sorted(picked_ids(refs)[1]) == [0, 1]
@@ -175,7 +175,7 @@ def test_limits_are_inclusive():
 
 
 def test_too_few_raises_unless_repeats_allowed():
-    with pytest.raises(ReferenceInputError, match="category 7 has 3 usable"):
+    with pytest.raises(ReferenceInputError, match="class 7 has 3 usable"):
         sample_references(ANNOTATIONS, SIZES, [7], shots=4, seed=0)
     refs = sample_references(ANNOTATIONS, SIZES, [7], shots=7, seed=0, allow_repeats=True)
     ids = picked_ids(refs)[7]
