@@ -60,6 +60,9 @@ def measure(path: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = _parse()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"skipped: --device {args.device} asks for a GPU and this machine has none")
+        return
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return
