@@ -23,7 +23,7 @@ from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_p
 from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
 from .models import encoder_identity, load_models
 from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
-from .proposals import Proposals, decode_box, decode_points, point_grid, sam2_predictor
+from .proposals import Proposals, decode_boxes, decode_points, point_grid, sam2_predictor
 from .references import Reference, encode_references
 from .result import Instances
 
@@ -70,11 +70,13 @@ class NTTPredictor:
         )
 
     @torch.inference_mode()
-    def mask_from_box(self, image: ImageInput, box_xyxy: Sequence[float]) -> np.ndarray:
-        """SAM2's mask for a box prompt (for references annotated with boxes only)."""
+    def masks_from_boxes(
+        self, image: ImageInput, boxes_xyxy: Sequence[Sequence[float]]
+    ) -> np.ndarray:
+        """SAM2's masks (N, H, W) for box prompts on one image (for box-only references)."""
         with self._autocast():
             self._sam.set_image(as_rgb8(image))
-            return decode_box(self._sam, np.asarray(box_xyxy, dtype=np.float32))
+            return decode_boxes(self._sam, np.asarray(boxes_xyxy, dtype=np.float32))
 
     # -- targets ----------------------------------------------------------------------------
 

@@ -105,9 +105,10 @@ def decode_points(
 
 
 @torch.inference_mode()
-def decode_box(predictor: SAM2ImagePredictor, box_xyxy: np.ndarray) -> np.ndarray:
-    """SAM2's single-mask answer to a box prompt, at the image's original size (bool H x W)."""
+def decode_boxes(predictor: SAM2ImagePredictor, boxes_xyxy: np.ndarray) -> np.ndarray:
+    """SAM2's single-mask answers to box prompts, at the image's original size (bool N x H x W)."""
     masks, _, _ = predictor.predict(
-        box=np.asarray(box_xyxy, dtype=np.float32), multimask_output=False
+        box=np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4), multimask_output=False
     )
-    return masks[0].astype(bool)
+    # predict squeezes a batch of one: (1, H, W) for one box, (N, 1, H, W) for several.
+    return masks.reshape(-1, *masks.shape[-2:]).astype(bool)

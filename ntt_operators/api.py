@@ -155,12 +155,10 @@ def iter_build_memory_bank(
 
     yield 0.0, "Loading models"
     predictor = NTTPredictor(config)
-    references, from_boxes = [], 0
+    box_masks = _masks_from_boxes(predictor, instances)
+    references = []
     for k, instance in enumerate(instances):
-        mask = instance.full_mask()
-        if mask is None:
-            mask = predictor.mask_from_box(instance.filepath, instance.box_xyxy())
-            from_boxes += 1
+        mask = box_masks[k] if k in box_masks else instance.full_mask()
         references.append(
             Reference(
                 image=instance.filepath,
@@ -181,7 +179,7 @@ def iter_build_memory_bank(
         classes=bank.classes,
         encoder=bank.encoder,
         num_references=len(bank),
-        masks_from_boxes=from_boxes,
+        masks_from_boxes=len(box_masks),
         reference_ids=[i.label_id for i in instances],
         ntt_config=config.to_dict(),
     )
@@ -190,6 +188,19 @@ def iter_build_memory_bank(
     dataset.save_run_results(bank_name, dataset.init_run_results(bank_name, bank=bank.to_bytes()))
     yield 1.0, f"Memory bank {bank_name!r}: {len(bank)} references, {len(bank.classes)} classes"
     return bank
+
+
+def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.ndarray]:
+    """SAM2 masks of the box-only instances, by position; each image is embedded once."""
+    by_image: dict[str, list[int]] = {}
+    for k, instance in enumerate(instances):
+        if not instance.detection.has_mask:
+            by_image.setdefault(instance.filepath, []).append(k)
+    masks = {}
+    for filepath, positions in by_image.items():
+        boxes = [instances[k].box_xyxy() for k in positions]
+        masks.update(zip(positions, predictor.masks_from_boxes(filepath, boxes)))
+    return masks
 
 
 def reference_view(

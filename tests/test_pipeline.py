@@ -123,7 +123,7 @@ def test_bank_from_another_encoder_is_refused(predictor, bank, scenes):
 def test_box_prompt_gives_a_mask_of_the_image_size(predictor, scenes):
     image, instances = scenes[0]
     x, y, w, h = instances[0].box_xywh
-    mask = predictor.mask_from_box(image, [x, y, x + w, y + h])
+    (mask,) = predictor.masks_from_boxes(image, [[x, y, x + w, y + h]])
     assert mask.shape == image.shape[:2] and mask.dtype == bool
 
 
