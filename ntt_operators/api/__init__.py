@@ -1,0 +1,63 @@
+"""The plugin's steps as plain functions over a dataset or view (the operators call these).
+
+One module per step of the curator's flow:
+
+1. ``references``: ``sample_references`` tags N references per class, the paper's few-shot way.
+2. ``bank``: ``build_memory_bank`` encodes the tagged references; the bank is a custom run.
+3. ``segment``: ``segment`` predicts instance masks for target samples into a new field.
+4. ``evaluate``: ``evaluate`` runs COCO-style mask evaluation with per-sample TP/FP/FN.
+
+Every refusal is raised before the dataset is changed. The heavy steps also exist as generators
+(``iter_build_memory_bank``, ``iter_segment``) that yield ``(fraction, label)`` progress steps and
+return the result, so the App can stream a progress bar without threads.
+"""
+
+from .bank import (
+    build_memory_bank,
+    delete_memory_bank,
+    iter_build_memory_bank,
+    load_memory_bank,
+    memory_bank_config,
+    memory_bank_info,
+)
+from .common import (
+    BANK_METHOD,
+    SEGMENT_METHOD,
+    PluginInputError,
+    detection_fields,
+    drive_steps,
+    list_memory_banks,
+)
+from .evaluate import class_report, evaluate
+from .references import reference_view, sample_references
+from .segment import (
+    iter_segment,
+    segment,
+    segment_run_key,
+    segment_status,
+    segmented_fields,
+)
+
+__all__ = [
+    "BANK_METHOD",
+    "SEGMENT_METHOD",
+    "PluginInputError",
+    "build_memory_bank",
+    "class_report",
+    "delete_memory_bank",
+    "detection_fields",
+    "drive_steps",
+    "evaluate",
+    "iter_build_memory_bank",
+    "iter_segment",
+    "list_memory_banks",
+    "load_memory_bank",
+    "memory_bank_config",
+    "memory_bank_info",
+    "reference_view",
+    "sample_references",
+    "segment",
+    "segment_run_key",
+    "segment_status",
+    "segmented_fields",
+]

@@ -1,0 +1,112 @@
+"""Checks and helpers shared by the steps: field and name checks, progress driving.
+
+Every check raises ``PluginInputError`` (or an engine error) with a message that says what to do,
+before anything in the dataset changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
+import fiftyone as fo
+
+from ntt_core import NTTError
+from ntt_core.errors import BankError
+
+Collection = fo.core.collections.SampleCollection
+Progress = Callable[[float, str], None]
+Steps = Generator[tuple[float, str], None, Any]
+
+BANK_METHOD = "ntt_memory_bank"
+SEGMENT_METHOD = "ntt_segment"
+
+
+class PluginInputError(NTTError, ValueError):
+    """A dataset-level input is unusable (missing field, name clash, nothing tagged, ...)."""
+
+
+def drive_steps(steps: Steps, progress: Progress | None) -> Any:
+    """Runs an ``iter_*`` step generator to its end, forwarding its steps to ``progress``;
+    returns the generator's result."""
+    try:
+        while True:
+            try:
+                fraction, label = next(steps)
+            except StopIteration as done:
+                return done.value
+            if progress is not None:
+                progress(fraction, label)
+    finally:
+        # An interrupted caller (an exception in ``progress``, Ctrl-C) still lets the steps
+        # clean up now, e.g. write the samples already segmented.
+        steps.close()
+
+
+def root_dataset(dataset_or_view: Collection) -> fo.Dataset:
+    if isinstance(dataset_or_view, fo.Dataset):
+        return dataset_or_view
+    return dataset_or_view._root_dataset
+
+
+def require_detections_field(collection: Collection, field_name: str) -> None:
+    if not collection.has_sample_field(field_name):
+        raise PluginInputError(
+            f"Field {field_name!r} does not exist; label fields: {detection_fields(collection)}"
+        )
+    if not holds_detections(collection, field_name):
+        raise PluginInputError(
+            f"Field {field_name!r} is not an fo.Detections field; instance fields: "
+            f"{detection_fields(collection)}"
+        )
+
+
+def holds_detections(collection: Collection, field_name: str) -> bool:
+    field = collection.get_field(field_name)
+    return isinstance(field, fo.EmbeddedDocumentField) and issubclass(
+        field.document_type, fo.Detections
+    )
+
+
+def detection_fields(collection: Collection) -> list[str]:
+    """Top-level ``fo.Detections`` fields of a collection."""
+    schema = collection.get_field_schema(embedded_doc_type=fo.Detections)
+    return sorted(schema)
+
+
+def require_tag(tag: str) -> None:
+    if not tag or not tag.strip():
+        raise PluginInputError("The reference tag must not be empty")
+
+
+def require_run_key(key: str, what: str) -> None:
+    if not key.isidentifier():
+        raise PluginInputError(
+            f"{what} {key!r} is not valid: use letters, digits and underscores, not starting "
+            "with a digit (e.g. 'bank_5shot')"
+        )
+
+
+def require_free_run_key(
+    dataset: fo.Dataset, key: str, method: str, overwrite: bool, what: str
+) -> None:
+    if key not in dataset.list_runs():
+        return
+    if key not in dataset.list_runs(method=method):
+        raise PluginInputError(f"Run key {key!r} is taken by another kind of run; pick a new name")
+    if not overwrite:
+        raise PluginInputError(
+            f"A {what} named {key!r} already exists: pass overwrite=True or pick a new name"
+        )
+
+
+def list_memory_banks(dataset: fo.Dataset) -> list[str]:
+    return dataset.list_runs(method=BANK_METHOD)
+
+
+def require_bank(dataset: fo.Dataset, bank_name: str) -> None:
+    if bank_name not in list_memory_banks(dataset):
+        raise BankError(
+            f"No memory bank named {bank_name!r} on dataset {dataset.name!r}; "
+            f"existing banks: {list_memory_banks(dataset)}. Build one with 'Build memory bank'"
+        )

@@ -1,0 +1,60 @@
+"""Step 1, references: tag N references per class the way the paper samples its N-shot sets."""
+
+from __future__ import annotations
+
+import fiftyone as fo
+
+from ntt_core.fewshot import sample_references as sample_annotations
+
+from ..labels import annotations, ensure_metadata
+from .common import Collection, PluginInputError, require_detections_field, require_tag
+
+
+def sample_references(
+    dataset_or_view: Collection,
+    gt_field: str,
+    shots: int,
+    seed: int = 33,
+    tag: str = "reference",
+    classes: list[str] | None = None,
+    tag_samples: bool = True,
+    tag_labels: bool = True,
+) -> dict[str, list[str]]:
+    """Picks ``shots`` references per class with the paper's few-shot sampling and tags them.
+
+    The tag is first removed from the collection's samples and ``gt_field`` labels, so after the
+    call it marks exactly this draw; the same seed on the same collection draws the same labels.
+    Returns class -> label ids.
+    """
+    require_detections_field(dataset_or_view, gt_field)
+    require_tag(tag)
+    if not (tag_samples or tag_labels):
+        raise PluginInputError("Choose to tag the reference samples, their labels, or both")
+    ensure_metadata(dataset_or_view)
+    anns, sizes = annotations(dataset_or_view, gt_field)
+    picks = sample_annotations(anns, sizes, classes, shots=shots, seed=seed)
+    label_ids = {cls: [a for c in choices for a in c["ann_ids"]] for cls, choices in picks.items()}
+    chosen = [label_id for ids in label_ids.values() for label_id in ids]
+    sample_ids = sorted({c["img_id"] for choices in picks.values() for c in choices})
+
+    dataset_or_view.untag_samples(tag)
+    dataset_or_view.untag_labels(tag, label_fields=gt_field)
+    if tag_samples:
+        dataset_or_view.select(sample_ids).tag_samples(tag)
+    if tag_labels:
+        dataset_or_view.select_labels(ids=chosen, fields=gt_field).tag_labels(
+            tag, label_fields=gt_field
+        )
+    return label_ids
+
+
+def reference_view(
+    dataset_or_view: Collection, gt_field: str, ref_tag: str, tag_type: str
+) -> fo.DatasetView:
+    """The references as a view: tagged samples, or only the tagged labels of ``gt_field``."""
+    require_tag(ref_tag)
+    if tag_type == "sample":
+        return dataset_or_view.match_tags(ref_tag)
+    if tag_type == "label":
+        return dataset_or_view.select_labels(tags=ref_tag, fields=gt_field)
+    raise PluginInputError(f"tag_type must be 'sample' or 'label', got {tag_type!r}")

@@ -1,0 +1,291 @@
+"""Step 3, segmentation: predict instance masks for target samples into a label field."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import fiftyone as fo
+
+from ntt_core import MemoryBank, NTTConfig, NTTPredictor
+from ntt_core.cache import ProposalStore
+from ntt_core.models import encoder_identity
+from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
+
+from .. import locks
+from ..labels import FieldWriter, instances_to_detections
+from ..proposal_cache import proposal_store
+from .bank import load_memory_bank, memory_bank_config
+from .common import (
+    SEGMENT_METHOD,
+    Collection,
+    PluginInputError,
+    Progress,
+    Steps,
+    drive_steps,
+    holds_detections,
+    root_dataset,
+)
+
+RUNNING, COMPLETED = "running", "completed"
+
+
+def segment_run_key(label_field: str) -> str:
+    """The run that records how ``label_field`` was produced."""
+    return f"ntt_segment_{label_field}"
+
+
+def segment(
+    dataset_or_view: Collection,
+    bank_name: str,
+    label_field: str,
+    exclude_tag: str | None = "reference",
+    overwrite: bool = False,
+    skip_done: bool = False,
+    config: NTTConfig | None = None,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+    backend: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+    num_actors: int = 2,
+    gpus_per_actor: float | None = None,
+    reuse_proposals: bool = False,
+) -> dict[str, Any]:
+    """Predicts instance masks for every target sample into ``label_field`` (``fo.Detections``).
+
+    Targets are ``dataset_or_view`` minus samples carrying ``exclude_tag`` (as a sample tag or on
+    any label). ``overwrite`` replaces an existing field; ``skip_done`` continues an interrupted
+    run into the same field. ``config`` defaults to the one the bank was built with. A sample
+    that fails (unreadable image, ...) is listed in ``failed`` and left empty; the run goes on.
+    Returns ``processed``, ``skipped``, ``failed`` ({sample id: message}) and ``instances``.
+
+    ``backend="ray"`` predicts on Ray Data actors (``num_actors``, ``gpus_per_actor``; the cluster
+    at ``ray_address``, else a local one) with the same per-image function, and this process
+    writes their results; see ``ntt_core.ray_backend.segment_on_ray``.
+
+    ``reuse_proposals`` keeps each sample's proposals in the dataset's execution store and
+    re-scores them when the same models see the same image again: after a bank changes, only the
+    matching reruns (``clear_proposal_cache`` empties the store).
+    """
+    steps = iter_segment(
+        dataset_or_view,
+        bank_name,
+        label_field,
+        exclude_tag=exclude_tag,
+        overwrite=overwrite,
+        skip_done=skip_done,
+        config=config,
+        batch_size=batch_size,
+        backend=backend,
+        ray_address=ray_address,
+        num_actors=num_actors,
+        gpus_per_actor=gpus_per_actor,
+        reuse_proposals=reuse_proposals,
+    )
+    return drive_steps(steps, progress)
+
+
+def iter_segment(
+    dataset_or_view: Collection,
+    bank_name: str,
+    label_field: str,
+    exclude_tag: str | None = "reference",
+    overwrite: bool = False,
+    skip_done: bool = False,
+    config: NTTConfig | None = None,
+    batch_size: int = 16,
+    backend: Literal["local", "ray"] = "local",
+    ray_address: str | None = None,
+    num_actors: int = 2,
+    gpus_per_actor: float | None = None,
+    reuse_proposals: bool = False,
+) -> Steps:
+    """``segment`` as progress steps; returns the summary."""
+    dataset = root_dataset(dataset_or_view)
+    bank = load_memory_bank(dataset, bank_name)
+    recorded = memory_bank_config(dataset, bank_name)
+    run_key = segment_run_key(label_field)
+    exists = _check_output_field(dataset, label_field, recorded["gt_field"], overwrite, skip_done)
+    if skip_done and exists:
+        _require_same_bank(dataset, run_key, label_field, bank_name)
+    if batch_size < 1:
+        raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
+    _check_backend(backend, num_actors, reuse_proposals)
+    config = config or NTTConfig.from_dict(recorded["ntt_config"])
+    targets = dataset_or_view
+    if exclude_tag:
+        targets = targets.match_tags(exclude_tag, bool=False).match_labels(
+            tags=exclude_tag, bool=False
+        )
+    todo = targets.exists(label_field, False) if (skip_done and exists) else targets
+    sample_ids, filepaths = todo.values(["id", "filepath"])
+    skipped = len(targets) - len(sample_ids)
+    if not len(targets):
+        left_out = f" once samples tagged {exclude_tag!r} are left out" if exclude_tag else ""
+        raise PluginInputError(
+            f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
+        )
+
+    # Refuse a bank from another encoder now, on either backend, not once per sample.
+    bank.check_compatible(encoder_identity(config), config.encoder_image_size)
+    yield 0.0, "Loading models"
+    if backend == "ray":
+        # Lazy: the actors start when the loop below asks for the first result.
+        results = segment_on_ray(
+            list(zip(sample_ids, filepaths)),
+            bank.to_bytes(),
+            config,
+            num_actors=num_actors,
+            gpus_per_actor=gpus_per_actor,
+            address=ray_address,
+        )
+    else:
+        predictor = NTTPredictor(config)
+        store = proposal_store(dataset, config) if reuse_proposals else None
+        results = _predict_locally(predictor, bank, sample_ids, filepaths, store)
+
+    # One writer per field: a second run would interleave its samples and its run record.
+    owner = locks.acquire(dataset, label_field)
+    try:
+        run_config = targets.init_run(
+            method=SEGMENT_METHOD,
+            bank_name=bank_name,
+            label_field=label_field,
+            gt_field=recorded["gt_field"],
+            exclude_tag=exclude_tag,
+            ntt_config=config.to_dict(),
+        )
+        # The record says "running" before the field changes, so a partial field never looks done.
+        targets.register_run(run_key, run_config, overwrite=True)
+        _save_status(
+            dataset, run_key, RUNNING, processed=0, skipped=skipped, failed={}, instances=0
+        )
+        if exists and not skip_done:
+            dataset.delete_sample_field(label_field)
+        if not dataset.has_sample_field(label_field):
+            dataset.add_sample_field(
+                label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+            )
+
+        writer = FieldWriter(dataset, label_field, batch_size)
+        failed: dict[str, str] = {}
+        instances = 0
+        try:
+            for k, (sample_id, result, error) in enumerate(results):
+                if error is not None:
+                    failed[sample_id] = error
+                else:
+                    writer.add(sample_id, instances_to_detections(result))
+                    instances += len(result)
+                yield (k + 1) / len(sample_ids), f"Segmented {k + 1}/{len(sample_ids)} samples"
+        finally:
+            # Whatever happens, finished samples are kept so skip_done can continue from them.
+            writer.flush()
+        summary = {
+            "label_field": label_field,
+            "bank_name": bank_name,
+            "run_key": run_key,
+            "processed": writer.written,
+            "skipped": skipped,
+            "failed": failed,
+            "instances": instances,
+        }
+        _save_status(dataset, run_key, COMPLETED, **{k: summary[k] for k in _COUNTS})
+    finally:
+        locks.release(dataset, label_field, owner)
+    yield 1.0, f"Segmented {writer.written} samples into {label_field!r}"
+    return summary
+
+
+_COUNTS = ("processed", "skipped", "failed", "instances")
+
+
+def _predict_locally(
+    predictor: NTTPredictor,
+    bank: MemoryBank,
+    sample_ids: list[str],
+    filepaths: list[str],
+    store: ProposalStore | None,
+) -> Iterator[Result]:
+    for sample_id, filepath in zip(sample_ids, filepaths):
+        yield sample_id, *predict_or_error(predictor, filepath, bank, store, sample_id)
+
+
+def _check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
+    if backend not in ("local", "ray"):
+        raise PluginInputError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise PluginInputError("backend='ray' needs the optional extra: pip install .[ray]")
+    if num_actors < 1:
+        raise PluginInputError(f"num_actors must be at least 1, got {num_actors}")
+    if backend == "ray" and reuse_proposals:
+        # Ray workers never talk to MongoDB, where the cache lives.
+        raise PluginInputError("reuse_proposals works with backend='local' only")
+
+
+def segmented_fields(dataset: fo.Dataset) -> list[str]:
+    """The fields this plugin has written predictions to, newest first."""
+    keys = dataset.list_runs(method=SEGMENT_METHOD)
+    infos = sorted((dataset.get_run_info(k) for k in keys), key=lambda i: i.timestamp)
+    return [info.config.label_field for info in reversed(infos)]
+
+
+def segment_status(dataset: fo.Dataset, label_field: str) -> dict[str, Any] | None:
+    """The recorded status and counts of the run that wrote ``label_field`` (None: no record)."""
+    run_key = segment_run_key(label_field)
+    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+        return None
+    results = dataset.load_run_results(run_key, cache=False, load_view=False)
+    return {"status": results.status, **{k: getattr(results, k) for k in _COUNTS}}
+
+
+def _save_status(dataset: fo.Dataset, run_key: str, status: str, **counts: Any) -> None:
+    results = dataset.init_run_results(run_key, status=status, **counts)
+    dataset.save_run_results(run_key, results, overwrite=True, cache=False)
+
+
+def _check_output_field(
+    dataset: fo.Dataset, label_field: str, gt_field: str, overwrite: bool, skip_done: bool
+) -> bool:
+    """Refuses an output field that would clobber data; returns whether it already exists."""
+    if not label_field.isidentifier():
+        raise PluginInputError(
+            f"Output field {label_field!r} must be a new top-level field name (letters, digits, "
+            "underscores; not starting with a digit)"
+        )
+    if label_field == gt_field:
+        raise PluginInputError(
+            f"Output field {label_field!r} is the bank's ground-truth field; pick a new name"
+        )
+    if overwrite and skip_done:
+        raise PluginInputError(
+            "overwrite and skip_done contradict each other: overwrite starts the field afresh, "
+            "skip_done continues it. Choose one"
+        )
+    if not dataset.has_sample_field(label_field):
+        return False
+    if not holds_detections(dataset, label_field):
+        raise PluginInputError(
+            f"Field {label_field!r} already exists and does not hold fo.Detections; pick a new name"
+        )
+    if not (overwrite or skip_done):
+        raise PluginInputError(
+            f"Field {label_field!r} already exists: pass overwrite=True to replace it, "
+            "skip_done=True to continue it, or pick a new name"
+        )
+    return True
+
+
+def _require_same_bank(dataset: fo.Dataset, run_key: str, label_field: str, bank: str) -> None:
+    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+        raise PluginInputError(
+            f"Field {label_field!r} was not written by this plugin, so it cannot be continued; "
+            "use overwrite=True or a new name"
+        )
+    recorded = dataset.get_run_info(run_key).config.bank_name
+    if recorded != bank:
+        raise PluginInputError(
+            f"Field {label_field!r} was written with memory bank {recorded!r}, not {bank!r}; "
+            "continue with the same bank, or use overwrite=True or a new field"
+        )
