@@ -1,16 +1,19 @@
 """The ``ntt`` command line: the paper's COCO benchmark, and the plugin's steps from a shell.
 
 ``ntt reproduce`` runs the whole few-shot COCO protocol; ``sample``, ``build-bank``, ``segment``,
-``evaluate`` and ``banks`` are thin wrappers over ``ntt_operators.api`` for any FiftyOne dataset.
-Input errors print one line to stderr and exit with code 2, like argparse's own usage errors.
+``evaluate`` and ``banks`` are thin wrappers over ``ntt_operators.api`` for any FiftyOne dataset;
+``app`` opens the FiftyOne App with scheduling enabled. Long steps draw their progress on stderr
+(``terminal.StepProgress``) and end with a readable summary on stdout. Input errors print one line
+to stderr and exit with code 2, like argparse's own usage errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,7 @@ from ntt_core.coco import format_paper_table
 from ntt_core.config import NTTConfig
 from ntt_core.errors import NTTError
 from ntt_core.fewshot import split_classes
+from ntt_operators import terminal
 
 if TYPE_CHECKING:
     import fiftyone as fo
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 
 Subcommands = argparse._SubParsersAction  # argparse's only handle on add_subparsers' result
 EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 # Flags that map one-to-one onto NTTConfig fields (dest name == field name).
 _CONFIG_FLAGS = (
     ("--sam-model", str, "SAM2 registry name (e.g. sam2_hiera_large) or local checkpoint path"),
@@ -38,6 +43,7 @@ _CONFIG_FLAGS = (
     ("--sam-image-size", int, "SAM2 input side (the paper: 1024)"),
     ("--encoder-image-size", int, "DINOv2 input side (the paper: 518)"),
 )
+SCHEDULING_ENV = "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS"
 RANDOM_WEIGHTS_WARNING = (
     "!" * 88 + "\n"
     "!!! WARNING: --weights random: the models are UNTRAINED. This run only checks the\n"
@@ -47,11 +53,16 @@ RANDOM_WEIGHTS_WARNING = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        terminal.silence_known_noise()
     try:
         return args.handler(args)
     except (NTTError, ValueError) as error:
         print(f"ntt: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("ntt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="No Time to Train! (arXiv 2507.02798): training-free reference-based "
         "instance segmentation with SAM2 + DINOv2, on FiftyOne datasets.",
     )
+    _add_verbose_flag(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_reproduce(commands)
     _add_sample(commands)
@@ -67,7 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(commands)
     _add_evaluate(commands)
     _add_banks(commands)
+    _add_app(commands)
+    for command in _subcommand_parsers(commands):
+        # SUPPRESS: a subcommand's default must not undo `ntt --verbose COMMAND`.
+        _add_verbose_flag(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_verbose_flag(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also show third-party notices and warnings hidden by default",
+    )
+
+
+def _subcommand_parsers(commands: Subcommands) -> Iterator[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (``banks list``) included."""
+    for parser in commands.choices.values():
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, Subcommands):
+                yield from _subcommand_parsers(action)
 
 
 # -- shared options ---------------------------------------------------------------------------
@@ -217,24 +252,26 @@ def _reproduce(args: argparse.Namespace) -> int:
     untrained = config.weights == "random"
     if untrained:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-    report = reproduce(settings, log=_timed_log())
-    _print_report(report, settings, untrained)
+    with terminal.StepProgress() as progress:
+        report = reproduce(settings, log=progress.log, progress=progress)
+    _print_report(report, settings, untrained, progress)
     return 0
 
 
-def _timed_log() -> Callable[[str], None]:
-    start = time.monotonic()
-    return lambda line: print(f"[{time.monotonic() - start:7.1f}s] {line}", file=sys.stderr)
-
-
-def _print_report(report: ReproduceReport, settings: ReproduceSettings, untrained: bool) -> None:
+def _print_report(
+    report: ReproduceReport,
+    settings: ReproduceSettings,
+    untrained: bool,
+    progress: terminal.StepProgress,
+) -> None:
     if untrained:
         print(RANDOM_WEIGHTS_WARNING)
     print(
         f"COCO few-shot: {settings.split} ({len(settings.classes)} classes), "
         f"{settings.shots} shots, seed {settings.seed}; {report.num_images} val2017 images, "
-        f"{report.num_predictions} predictions in {report.dataset!r}.{report.label_field}\n"
+        f"{report.num_predictions} predictions in {report.dataset!r}.{report.label_field}"
     )
+    print(segmentation_summary(report.segmentation, progress) + "\n")
     print(format_paper_table(report.stats))
     print(
         f"\nFiftyOne mAP (segm, masks; eval key {report.eval_key!r}): {report.fiftyone_map:.3f}"
@@ -291,16 +328,23 @@ def _add_build_bank(commands: Subcommands) -> None:
 
 
 def _build_bank(args: argparse.Namespace) -> int:
-    bank = _api().build_memory_bank(
-        _load_dataset(args.dataset),
-        args.gt_field,
-        args.bank,
-        ref_tag=args.ref_tag,
-        tag_type=args.tag_type,
-        classes=_classes(args.classes),
-        config=config_from_args(args),
+    with terminal.StepProgress() as progress:
+        bank = _api().build_memory_bank(
+            _load_dataset(args.dataset),
+            args.gt_field,
+            args.bank,
+            ref_tag=args.ref_tag,
+            tag_type=args.tag_type,
+            classes=_classes(args.classes),
+            config=config_from_args(args),
+            progress=progress,
+        )
+    per_class = ", ".join(f"{name} {n}" for name, n in bank.references_per_class.items())
+    print(
+        f"Built memory bank {args.bank!r} in {terminal.format_duration(progress.elapsed())}: "
+        f"{terminal.plural(len(bank), 'reference')} of {len(bank.classes)} "
+        f"{'class' if len(bank.classes) == 1 else 'classes'} ({per_class})."
     )
-    print(f"memory bank {args.bank!r}: {len(bank.ref_ids)} references, classes {bank.classes}")
     return 0
 
 
@@ -322,19 +366,50 @@ def _segment(args: argparse.Namespace) -> int:
     api, dataset = _api(), _load_dataset(args.dataset)
     # Flags adjust the bank's own settings: a bank only matches the encoder it was built with.
     recorded = NTTConfig.from_dict(api.memory_bank_config(dataset, args.bank)["ntt_config"])
-    summary = api.segment(
-        dataset,
-        args.bank,
-        args.label_field,
-        exclude_tag=args.ref_tag,
-        overwrite=args.overwrite,
-        skip_done=args.skip_done,
-        config=config_from_args(args, recorded),
-        batch_size=args.batch_size,
-        **_backend_kwargs(args),
-    )
-    print(", ".join(f"{key}: {value}" for key, value in summary.items()))
+    with terminal.StepProgress() as progress:
+        summary = api.segment(
+            dataset,
+            args.bank,
+            args.label_field,
+            exclude_tag=args.ref_tag,
+            overwrite=args.overwrite,
+            skip_done=args.skip_done,
+            config=config_from_args(args, recorded),
+            batch_size=args.batch_size,
+            progress=progress,
+            **_backend_kwargs(args),
+        )
+    print(segmentation_summary(summary, progress, with_time=True))
     return 0
+
+
+def segmentation_summary(
+    summary: Mapping, progress: terminal.StepProgress, with_time: bool = False
+) -> str:
+    """``api.segment``'s summary for a reader: counts, speed (and time), the failures."""
+    processed, failed = summary["processed"], summary["failed"]
+    line = f"Segmented {terminal.plural(processed, 'sample')} into {summary['label_field']!r}"
+    if with_time:
+        line += f" in {terminal.format_duration(progress.elapsed())}"
+    step = progress.last_step("samples")
+    rate = step.rate() if step is not None else None
+    if rate is None and processed + len(failed) and progress.elapsed() > 0:
+        rate = (processed + len(failed)) / progress.elapsed()
+    if rate is not None:
+        line += f" ({terminal.format_rate(rate, 'samples')})"
+    lines = [f"{line}: {terminal.plural(summary['instances'], 'instance')}."]
+    if summary["skipped"]:
+        lines.append(f"Skipped {terminal.plural(summary['skipped'], 'sample')} already done.")
+    if failed:
+        verb = "was" if len(failed) == 1 else "were"
+        lines.append(f"{terminal.plural(len(failed), 'sample')} failed and {verb} left empty:")
+        lines += terminal.format_failures(failed, "sample")
+        if len(failed) > terminal.FAILURES_SHOWN:
+            lines.append(
+                "  (all of them: api.segment_status(dataset, "
+                f"{summary['label_field']!r})['failed'] in Python)"
+            )
+    return "\n".join(lines)
 
 
 def _add_evaluate(commands: Subcommands) -> None:
@@ -390,6 +465,63 @@ def _banks_delete(args: argparse.Namespace) -> int:
     _api().delete_memory_bank(_load_dataset(args.dataset), args.bank)
     print(f"deleted memory bank {args.bank!r}")
     return 0
+
+
+# -- the App ----------------------------------------------------------------------------------
+
+
+def _add_app(commands: Subcommands) -> None:
+    p = commands.add_parser(
+        "app",
+        help="open the FiftyOne App on a dataset, with scheduling enabled",
+        description=f"Serves the FiftyOne App on a dataset with {SCHEDULING_ENV}=true, so that "
+        "the plugin's forms offer Schedule (delegated execution) next to Execute; prints the "
+        "URL and how to run the queue, and serves until Ctrl-C.",
+    )
+    _add_dataset_flag(p)
+    p.add_argument("--port", type=int, default=None, help="default: FiftyOne's (5151)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="interface to serve on (default: FiftyOne's, localhost; 0.0.0.0: all)",
+    )
+    p.set_defaults(handler=_app)
+
+
+def _app(args: argparse.Namespace) -> int:
+    # The App server reads it when it starts (it inherits this environment); without it the
+    # forms' Schedule option says "NOT AVAILABLE".
+    os.environ[SCHEDULING_ENV] = "true"
+    import fiftyone as fo
+
+    dataset = _load_dataset(args.dataset)
+    port = args.port or fo.config.default_app_port
+    address = args.address or fo.config.default_app_address
+    if _port_in_use(address, port):
+        # FiftyOne would attach to a server already there, which may not allow scheduling.
+        raise ValueError(f"port {port} is already in use (another App?); pass --port N")
+    session = fo.launch_app(dataset, port=port, address=args.address, remote=True)
+    print(
+        f"\nThe FiftyOne App serves dataset {dataset.name!r} at http://{address}:{port}/\n"
+        "Scheduling is on: in a form, Execute > Schedule queues the run. Run the queue from "
+        "another shell\n(same environment) with\n\n    fiftyone delegated launch\n\n"
+        "and follow scheduled runs with `fiftyone delegated list` and "
+        "`fiftyone delegated info ID`.\nPress Ctrl-C to stop the App.",
+        flush=True,
+    )
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        session.close()
+    print("App stopped.")
+    return 0
+
+
+def _port_in_use(address: str, port: int) -> bool:
+    host = "127.0.0.1" if address in ("0.0.0.0", "", "localhost") else address
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, port)) == 0
 
 
 if __name__ == "__main__":

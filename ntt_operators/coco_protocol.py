@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fiftyone as fo
 from fiftyone import ViewField as F
@@ -26,6 +27,7 @@ from ntt_core.errors import NTTError, ReferenceInputError
 from ntt_core.fewshot import ReferenceChoice, class_ids_by_name, sample_references
 from ntt_core.registry import resolve_checkpoint
 from ntt_operators import api
+from ntt_operators.api.common import Progress
 from ntt_operators.coco_download import (
     COCO_URL,
     annotation_path,
@@ -91,6 +93,8 @@ class ReproduceReport:
     eval_key: str
     num_images: int
     num_predictions: int
+    segmentation: dict[str, Any] = field(default_factory=dict)
+    """``api.segment``'s summary (processed, skipped, failed: {sample id: message}, ...)."""
 
 
 @dataclass
@@ -106,8 +110,14 @@ class CocoData:
     """The val2017 images to segment and score (the first ``max_samples``, or all)."""
 
 
-def reproduce(settings: ReproduceSettings, log: Log = print) -> ReproduceReport:
-    """Samples, imports, tags, builds the bank, segments val2017 and evaluates it."""
+def reproduce(
+    settings: ReproduceSettings, log: Log = print, progress: Progress | None = None
+) -> ReproduceReport:
+    """Samples, imports, tags, builds the bank, segments val2017 and evaluates it.
+
+    ``log`` receives the run's story line by line; ``progress`` the bank's and the
+    segmentation's ``(fraction, label)`` steps.
+    """
     _check_checkpoints(settings.config)
     names = _names(settings)
     data = prepare_coco(settings, log)
@@ -115,10 +125,12 @@ def reproduce(settings: ReproduceSettings, log: Log = print) -> ReproduceReport:
     add_images(dataset, data.root, TRAIN_TAG, data.train, data.train["images"], log)
     tag_references(dataset, data.references, names["ref_tag"])
     log(f"Tagged {settings.shots} references x {len(data.references)} classes")
-    _build_bank(dataset, settings, names, log)
+    _build_bank(dataset, settings, names, log, progress)
     val_view = dataset.match_tags(VAL_TAG)
-    _segment(val_view, settings, names, log)
-    return _evaluate(dataset, val_view, settings, data, names)
+    segmentation = _segment(val_view, settings, names, log, progress)
+    report = _evaluate(dataset, val_view, settings, data, names)
+    report.segmentation = segmentation
+    return report
 
 
 def prepare_coco(settings: ReproduceSettings, log: Log) -> CocoData:
@@ -254,7 +266,13 @@ def tag_references(
     view.tag_samples(tag)
 
 
-def _build_bank(dataset: fo.Dataset, settings: ReproduceSettings, names: dict, log: Log) -> None:
+def _build_bank(
+    dataset: fo.Dataset,
+    settings: ReproduceSettings,
+    names: dict,
+    log: Log,
+    progress: Progress | None = None,
+) -> None:
     if settings.resume and names["bank"] in api.list_memory_banks(dataset):
         log(f"Reusing memory bank {names['bank']!r} (--resume)")
         return
@@ -268,12 +286,20 @@ def _build_bank(dataset: fo.Dataset, settings: ReproduceSettings, names: dict, l
         classes=settings.classes,
         config=settings.config,
         overwrite=True,
+        progress=progress,
     )
 
 
-def _segment(view: fo.DatasetView, settings: ReproduceSettings, names: dict, log: Log) -> None:
+def _segment(
+    view: fo.DatasetView,
+    settings: ReproduceSettings,
+    names: dict,
+    log: Log,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """``api.segment``'s summary; a failed image scores as empty (it is a missed image)."""
     log(f"Segmenting {len(view)} val2017 images into {names['label_field']!r}")
-    summary = api.segment(
+    return api.segment(
         view,
         names["bank"],
         names["label_field"],
@@ -286,9 +312,8 @@ def _segment(view: fo.DatasetView, settings: ReproduceSettings, names: dict, log
         ray_address=settings.ray_address,
         num_actors=settings.num_actors,
         gpus_per_actor=settings.gpus_per_actor,
+        progress=progress,
     )
-    for sample_id, message in summary["failed"].items():
-        log(f"WARNING: sample {sample_id} failed and scores as empty: {message}")
 
 
 # -- evaluation -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -76,7 +77,10 @@ def reproduced(coco_root):
 
 
 def test_reproduce_prints_the_papers_table_and_fiftyones_map(reproduced):
-    out, _ = reproduced
+    out, err = reproduced
+    # Progress goes to stderr (plain lines: it is not a terminal), the summary to stdout.
+    assert re.search(r"\] Segmented 2/2 samples \(100%, [\d.]+ samples/s\)\n", err), err
+    assert re.search(rf"\nSegmented 2 samples into 'ntt_{RUN}' \([\d.]+ samples/s\): ", out)
     for block in ("BBOX RESULTS:", "SEGM RESULTS:"):
         lines = out.split(block + "\n", 1)[1].splitlines()[:13]
         assert all(line.startswith(" Average ") for line in lines[:12]), lines
@@ -136,6 +140,7 @@ def test_console_script_resumes_on_the_same_dataset(reproduced, coco_root):
     assert done.returncode == 0, done.stderr
     assert "Reusing FiftyOne dataset 'cli-coco'" in done.stderr
     assert "Reusing memory bank" in done.stderr
+    assert "Skipped 2 samples already done." in done.stdout
     # Nothing was re-segmented, so the table is the first run's.
     table = reproduced[0].split("BBOX RESULTS:", 1)[1].split("FiftyOne mAP", 1)[0]
     assert table in done.stdout
@@ -231,7 +236,7 @@ def test_the_four_steps_on_an_existing_dataset(tmp_path):
         assert code == 0, (step, err)
         outputs.append(out)
     assert "tagged 2 instances 'reference'" in outputs[0]
-    assert "processed: " in outputs[2]
+    assert outputs[2].startswith("Segmented ") and " samples into 'ntt' in " in outputs[2]
     assert dataset.match_tags("reference", bool=False).exists("ntt").count() > 0
     assert outputs[3].startswith("mAP: ") and outputs[4].strip() == "b"
 
@@ -263,7 +268,8 @@ def test_backend_flags_reach_api_segment(monkeypatch):
 
     calls = []
     monkeypatch.setattr(api, "memory_bank_config", lambda *_: {"ntt_config": {}})
-    monkeypatch.setattr(api, "segment", lambda *a, **kw: calls.append(kw) or {"failed": {}})
+    summary = {"label_field": "ntt", "processed": 0, "skipped": 0, "failed": {}, "instances": 0}
+    monkeypatch.setattr(api, "segment", lambda *a, **kw: calls.append(kw) or summary)
     fo.Dataset("cli-backend")
     ray = ["--backend", "ray", "--ray-address", "auto", "--num-actors", "3"]
     code, out, err = run_cli("segment", "--dataset", "cli-backend", "--bank", "b", *ray)
@@ -281,7 +287,7 @@ def test_backend_flags_reach_api_segment(monkeypatch):
     class Stop(Exception):
         pass
 
-    def capture(settings, log):
+    def capture(settings, log, progress):
         calls.append(settings)
         raise Stop
 
