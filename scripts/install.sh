@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.ntt-installed
-HASH=$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)
+HASH=$("$PY" -c 'import hashlib, sys
+print(hashlib.sha256(b"".join(open(f, "rb").read() for f in sys.argv[1:])).hexdigest()[:16])' \
+  requirements*.txt pyproject.toml)  # not sha256sum: macOS has none
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then exit 0; fi
 TORCH="torch==2.14.1 torchvision==0.29.1"
 mongod_runs() {  # the mongod FiftyOne starts (fiftyone/db/bin), found without importing fiftyone
