@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ class ReproduceReport:
     num_predictions: int
     segmentation: dict[str, Any] = field(default_factory=dict)
     """``api.segment``'s summary (processed, skipped, failed: {sample id: message}, ...)."""
+    segmentation_seconds: float = 0.0
 
 
 @dataclass
@@ -127,9 +129,11 @@ def reproduce(
     log(f"Tagged {settings.shots} references x {len(data.references)} classes")
     _build_bank(dataset, settings, names, log, progress)
     val_view = dataset.match_tags(VAL_TAG)
+    started = time.monotonic()
     segmentation = _segment(val_view, settings, names, log, progress)
+    seconds = time.monotonic() - started
     report = _evaluate(dataset, val_view, settings, data, names)
-    report.segmentation = segmentation
+    report.segmentation, report.segmentation_seconds = segmentation, seconds
     return report
 
 

@@ -145,10 +145,6 @@ class StepProgress:
             self._bar = None
         self.stream.flush()
 
-    def last_step(self, unit: str) -> Step | None:
-        """The latest counted step of ``unit`` (e.g. the "samples" of a segmentation)."""
-        return next((s for s in reversed(self.steps) if s.counted and s.unit == unit), None)
-
     # -- drawing ---------------------------------------------------------------------------
 
     def _start(self, step: Step, draw: bool = True) -> Step:

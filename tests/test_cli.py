@@ -80,7 +80,8 @@ def test_reproduce_prints_the_papers_table_and_fiftyones_map(reproduced):
     out, err = reproduced
     # Progress goes to stderr (plain lines: it is not a terminal), the summary to stdout.
     assert re.search(r"\] Segmented 2/2 samples \(100%, [\d.]+ samples/s\)\n", err), err
-    assert re.search(rf"\nSegmented 2 samples into 'ntt_{RUN}' \([\d.]+ samples/s\): ", out)
+    summary = rf"\nSegmented 2 samples into 'ntt_{RUN}' in [\d.]+s \([\d.]+ samples/s\): "
+    assert re.search(summary, out), out
     for block in ("BBOX RESULTS:", "SEGM RESULTS:"):
         lines = out.split(block + "\n", 1)[1].splitlines()[:13]
         assert all(line.startswith(" Average ") for line in lines[:12]), lines
