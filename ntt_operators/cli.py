@@ -501,8 +501,9 @@ def _app(args: argparse.Namespace) -> int:
         # FiftyOne would attach to a server already there, which may not allow scheduling.
         raise ValueError(f"port {port} is already in use (another App?); pass --port N")
     session = fo.launch_app(dataset, port=port, address=args.address, remote=True)
+    host = socket.gethostname() if address in ("0.0.0.0", "::") else address
     print(
-        f"\nThe FiftyOne App serves dataset {dataset.name!r} at http://{address}:{port}/\n"
+        f"\nThe FiftyOne App serves dataset {dataset.name!r} at http://{host}:{port}/\n"
         "Scheduling is on: in a form, Execute > Schedule queues the run. Run the queue from "
         "another shell\n(same environment) with\n\n    fiftyone delegated launch\n\n"
         "and follow scheduled runs with `fiftyone delegated list` and "

@@ -25,13 +25,13 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-# "<done>/<total> <unit>" anywhere in a step's label; the text before it names the step.
 _COUNTED_BAR = (
     # tqdm's default, but the rate always per second: its default turns "0.5 samples/s" into
     # "2.00s/ samples".
     "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
     "{rate_noinv_fmt}]"
 )
+# "<done>/<total> <unit>" anywhere in a step's label; the text before it names the step.
 _COUNT = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)(?:\s+([^\W\d]\w*))?")
 _MONGODB_NOTICE = "You are running the oldest supported major version of MongoDB"
 _JIT_WARNING = "`torch.jit.script` is deprecated"
@@ -99,7 +99,7 @@ class StepProgress:
         self.min_gap = min_gap
         self.clock = clock
         self.started = clock()
-        self.steps: list[Step] = []
+        self._step: Step | None = None
         self._bar: tqdm | None = None
         self._last_line = self.started
 
@@ -117,9 +117,11 @@ class StepProgress:
             self._start(Step(label, label, now), draw=False)
             self.log(label)
             return
-        step = self.steps[-1] if self.steps else None
+        step = self._step
         if step is None or (step.name, step.unit, step.counted) != (name, unit, total is not None):
-            step = self._start(Step(name, label, now, total, unit, done or 0.0, done or 0.0, now))
+            first = done or 0.0
+            step = Step(name, label, now, total, unit, first_done=first, done=first, updated=now)
+            self._start(step)
         step.label, step.done, step.updated = label, done or 0.0, now
         if total is not None:
             step.total = total
@@ -147,14 +149,13 @@ class StepProgress:
 
     # -- drawing ---------------------------------------------------------------------------
 
-    def _start(self, step: Step, draw: bool = True) -> Step:
+    def _start(self, step: Step, draw: bool = True) -> None:
         self.close()
-        self.steps.append(step)
+        self._step = step
         if draw and self.live:
             self._bar = self._new_bar(step)
         elif draw:
             self._report(step, step.started)
-        return step
 
     def _new_bar(self, step: Step) -> tqdm:
         common = {"file": self.stream, "leave": True, **_bar_size(self.stream)}
@@ -244,8 +245,8 @@ def format_failures(failed: Mapping[str, str], what: str, shown: int = FAILURES_
     """The first ``shown`` failures as ``  sample ID: message`` lines, and how many more."""
     lines = []
     for item_id, message in list(failed.items())[:shown]:
-        first_line = str(message).strip().splitlines()[0] if str(message).strip() else "?"
-        lines.append(f"  {what} {item_id}: {_shorten(first_line, 200)}")
+        text = str(message).strip()
+        lines.append(f"  {what} {item_id}: {_shorten(text.splitlines()[0], 200) if text else '?'}")
     if len(failed) > shown:
         lines.append(f"  ... and {len(failed) - shown:,} more")
     return lines
