@@ -248,8 +248,11 @@ def banked(tmp_path_factory):
 
 
 def command_env() -> dict:
-    # Database checks on, as for a user: the MongoDB notice would be printed if not silenced.
-    return {**os.environ, "FIFTYONE_DATABASE_VALIDATION": "true", "PYTHONPATH": _root()}
+    """A user's shell: database checks on (the MongoDB notice would be printed if not silenced),
+    and no PYTHONWARNINGS left by the in-process ``cli.main`` calls of other tests."""
+    env = {**os.environ, "FIFTYONE_DATABASE_VALIDATION": "true", "PYTHONPATH": _root()}
+    env.pop("PYTHONWARNINGS", None)
+    return env
 
 
 def _root() -> str:
