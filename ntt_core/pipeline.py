@@ -23,7 +23,14 @@ from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_p
 from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
 from .models import encoder_identity, load_models
 from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
-from .proposals import Proposals, decode_boxes, decode_points, point_grid, sam2_predictor
+from .proposals import (
+    Proposals,
+    decode_boxes,
+    decode_points,
+    embed_image,
+    point_grid,
+    sam2_predictor,
+)
 from .references import Reference, encode_references
 from .result import Instances
 
@@ -90,9 +97,14 @@ class NTTPredictor:
         image = as_rgb8(image)
         square = resize_square_pil(image, config.sam_image_size)
         with self._autocast():
-            tokens = self._target_tokens(square)
-            self._sam.set_image(square)
-            logits, pred_iou = decode_points(self._sam, self._grid, self.points_per_batch)
+            pixels = to_float_chw(square, self.device)[None]
+            tokens = self._target_tokens(pixels)
+            embedding = embed_image(
+                self.sam_model, imagenet_normalize(pixels), config.add_no_mem_embed
+            )
+            logits, pred_iou = decode_points(
+                self.sam_model, embedding, self._grid, self.points_per_batch
+            )
         keep = pred_iou > config.pred_iou_threshold
         logits, pred_iou = logits[keep], pred_iou[keep]
         masks = logits > 0
@@ -153,10 +165,9 @@ class NTTPredictor:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _target_tokens(self, square: np.ndarray) -> torch.Tensor:
-        """DINOv2 patch tokens (h, w, C) of the squashed target image."""
-        image = to_float_chw(square, self.device)[None]
-        image = resize_bicubic(image, self.config.encoder_image_size)
+    def _target_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """DINOv2 patch tokens (h, w, C) of the squashed target image (1, 3, S, S) in [0, 1]."""
+        image = resize_bicubic(pixels, self.config.encoder_image_size)
         return self.encoder(imagenet_normalize(image))[0].float()
 
     def _autocast(self) -> contextlib.AbstractContextManager:

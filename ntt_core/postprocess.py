@@ -63,7 +63,14 @@ def rle_boxes_xyxy(rles: list[dict]) -> np.ndarray:
     return xywh
 
 
+# pycocotools 2.0.11's area() overflows a uint8 counter for lists of 256 or more RLEs.
+_AREA_BATCH = 255
+
+
 def rle_areas(rles: list[dict]) -> np.ndarray:
-    if not rles:
-        return np.zeros(0, dtype=np.int64)
-    return mask_utils.area(rles).astype(np.int64)
+    """Pixel counts of RLE masks: (N,) int64."""
+    parts = [
+        mask_utils.area(rles[start : start + _AREA_BATCH]).astype(np.int64)
+        for start in range(0, len(rles), _AREA_BATCH)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

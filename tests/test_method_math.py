@@ -32,6 +32,17 @@ def test_context_crop_by_hand():
     assert context_crop((0, 0, 10, 10), (100, 100), 0.2) == (0, 0, 11, 11)
 
 
+def test_context_crop_recovers_pixel_values_before_truncating():
+    # 123 px through FiftyOne's relative coordinates: (123 / 480) * 480 = 122.99999999999999.
+    height = (123 / 480) * 480
+    assert height < 123
+    # Corners 10, 0, 40, 123; centre (25, 61.5); half side 123 * 1.2 / 2 = 73.8.
+    assert context_crop((10, 0, 30, height), (200, 200), 0.2) == (0, 0, 98, 135)
+    assert context_crop((10, 0, 30, 123), (200, 200), 0.2) == (0, 0, 98, 135)
+    # A genuinely fractional COCO box still truncates: int(10.34 + 30.5) = 40.
+    assert context_crop((10.34, 0, 30.5, 123), (200, 200), 0.2) == (0, 0, 98, 135)
+
+
 def test_mask_box_is_pixel_inclusive():
     mask = np.zeros((10, 10), bool)
     mask[2:5, 3:9] = True
@@ -132,9 +143,10 @@ def test_nms_ranks_by_predicted_iou_not_semantic_score():
     assert nms_order(boxes, pred_iou, labels, 0.5, limit=2).tolist() == [1, 2]
 
 
-def test_point_grid_is_pixel_centred_linspace():
+def test_point_grid_is_pixel_centred_linspace_x_major():
     grid = point_grid(2, 4)
-    assert grid.tolist() == [[0.5, 0.5], [3.5, 0.5], [0.5, 3.5], [3.5, 3.5]]
+    # The paper's order: point k has x = axis[k // 2], y = axis[k % 2].
+    assert grid.tolist() == [[0.5, 0.5], [0.5, 3.5], [3.5, 0.5], [3.5, 3.5]]
     assert point_grid(32, 1024).shape == (1024, 2)
 
 
