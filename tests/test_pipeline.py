@@ -138,9 +138,11 @@ def test_coco_results_round_trip(predictor, bank, scenes):
     for entry, box, rle in zip(entries, result.boxes, result.rles):
         assert entry["segmentation"] == rle
         assert entry["image_id"] == 5 and entry["category_id"] in ids.values()
+        # The paper's box: width = last foreground column - first, one less than the box that
+        # contains the mask (FiftyOne's, and pycocotools' toBbox).
         x, y, w, h = entry["bbox"]
-        assert [x, y, x + w, y + h] == box.tolist()
-        assert mask_utils.toBbox(entry["segmentation"]).tolist() == entry["bbox"]
+        assert [x, y, x + w + 1, y + h + 1] == box.tolist()
+        assert (mask_utils.toBbox(entry["segmentation"]) - [0, 0, 1, 1]).tolist() == entry["bbox"]
 
 
 def grid_of_square_proposals(count: int, channels: int) -> Proposals:
