@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torchvision.ops import batched_nms, masks_to_boxes
-
-# Upsampling works on chunks of masks holding at most this many output pixels, so a very large
-# image (12000x9000 is 108 M pixels) costs one mask at a time, not a stack of them.
-_PIXELS_PER_CHUNK = 64 * 1024 * 1024
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -30,28 +25,6 @@ def nms_order(
     """Class-wise NMS ranked by SAM's predicted IoU; indices in rank order, at most ``limit``."""
     keep = batched_nms(boxes.float(), pred_iou.float(), labels, iou_threshold)
     return keep[:limit]
-
-
-def logits_to_rles(logits: torch.Tensor, image_size: tuple[int, int]) -> list[dict]:
-    """Low-res logits (P, h, w) -> full-resolution binary masks (logit > 0) as COCO RLE."""
-    height, width = image_size
-    per_chunk = max(1, _PIXELS_PER_CHUNK // max(1, height * width))
-    rles: list[dict] = []
-    for chunk in logits.split(per_chunk):
-        full = (
-            F.interpolate(
-                chunk[:, None].float(),
-                size=(height, width),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )[:, 0]
-            > 0
-        )
-        # pycocotools wants (H, W, N) column-major uint8.
-        stacked = np.asfortranarray(full.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-        rles.extend(mask_utils.encode(stacked))
-    return rles
 
 
 def rle_boxes_xyxy(rles: list[dict]) -> np.ndarray:
