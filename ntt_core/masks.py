@@ -26,6 +26,8 @@ from .postprocess import mask_boxes, rle_areas, rle_boxes_xyxy
 # Above this many bytes of crops in all (a very large image with many large masks), each mask
 # is encoded to RLE as soon as it is computed instead.
 _CROP_BUDGET = 1 << 30
+# Float values per block of rows when upsampling a region (64 MB).
+_BLOCK_VALUES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def masks_from_logits(
     as_rle = crop_bytes > _CROP_BUDGET
     crops, origins, encoded = [], [], []
     for k, (top, bottom, left, right) in zip(positions, regions):
-        crop = _upsample_region(logits[k], rows, cols, top, bottom, left, right) > 0
+        crop = _foreground_region(logits[k], rows, cols, top, bottom, left, right)
         if as_rle:
             encoded.append(_crop_rle(crop.cpu().numpy(), top, left, height, width))
         else:
@@ -257,22 +259,29 @@ def masks_from_logits(
     return CroppedMasks(image_size, crops, origins)
 
 
-def _upsample_region(
+def _foreground_region(
     logits: torch.Tensor, rows: _Axis, cols: _Axis, top: int, bottom: int, left: int, right: int
 ) -> torch.Tensor:
-    """The upsampled map on rows [top, bottom) x cols [left, right), reading only its band.
+    """Upsampled logits > 0 on rows [top, bottom) x cols [left, right), reading only its band.
 
-    Each output is the weighted sum of its few source taps, columns first, then rows: the
-    order and weights of torch's separable kernel.
+    Each value is the weighted sum of its few source taps, columns first, then rows: the order
+    and weights of torch's separable kernel. Rows go in blocks so that a region of a very large
+    image never holds more than a few float copies of one block.
     """
-    if bottom <= top or right <= left:
-        return logits.new_zeros(max(bottom - top, 0), max(right - left, 0))
+    height, width = max(bottom - top, 0), max(right - left, 0)
+    foreground = torch.zeros(height, width, dtype=torch.bool, device=logits.device)
+    if not height or not width:
+        return foreground
     r0, r1 = rows.source_first[top], rows.source_last[bottom - 1] + 1
-    band = logits[r0:r1].float()
     col_taps, col_weights = cols.taps[left:right], cols.weights[left:right]
-    across = (band[:, col_taps] * col_weights).sum(dim=2)  # (r1 - r0, right - left)
-    row_taps, row_weights = rows.taps[top:bottom] - r0, rows.weights[top:bottom]
-    return (across[row_taps] * row_weights[:, :, None]).sum(dim=1)
+    across = (logits[r0:r1].float()[:, col_taps] * col_weights).sum(dim=2)  # (r1 - r0, width)
+    block = max(1, _BLOCK_VALUES // (width * rows.taps.shape[1]))
+    for start in range(0, height, block):
+        stop = min(start + block, height)
+        taps = rows.taps[top + start : top + stop] - r0
+        weights = rows.weights[top + start : top + stop, :, None]
+        foreground[start:stop] = (across[taps] * weights).sum(dim=1) > 0
+    return foreground
 
 
 def _crop_rle(crop: np.ndarray, top: int, left: int, height: int, width: int) -> dict:

@@ -79,3 +79,10 @@ def test_rle_fallback_for_huge_crops_gives_the_same_masks(monkeypatch):
     encoded = upsampled(logits, (70, 50))
     assert isinstance(encoded, RLEMasks)
     assert encoded.rles() == cropped.rles()
+
+
+def test_row_blocks_do_not_change_the_masks(monkeypatch):
+    logits = blob_logits(4, 32, seed=2)
+    whole = upsampled(logits, (70, 50))
+    monkeypatch.setattr("ntt_core.masks._BLOCK_VALUES", 50)  # a few rows per block
+    assert upsampled(logits, (70, 50)).rles() == whole.rles()
