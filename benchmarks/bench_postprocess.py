@@ -58,7 +58,8 @@ def main() -> None:
         after = _median_ms(now, args.repeats, device)
         kept = _kept(predictor, proposals, bank)
         print(f"{count:>10d} {kept:>6d} {before:>12.1f} {after:>8.1f} {before / after:>6.1f}x")
-    _networks_versus_rest(args)
+    if args.end_to_end:
+        _networks_versus_rest(args)
 
 
 def _random_bank(predictor: NTTPredictor) -> MemoryBank:
@@ -229,6 +230,9 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--proposals", type=int, nargs="+", default=[100, 300, 800])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-end-to-end", dest="end_to_end", action="store_false", help="skip part 2"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads for torch (1: one core, as quoted)"
     )
