@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ntt_core import NTTConfig, NTTPredictor, Reference
-from ntt_core.images import resize_square_pil
+from ntt_core.images import imagenet_normalize, resize_square_pil, to_float_chw
 from ntt_core.matching import pooled_features
-from ntt_core.proposals import Proposals, decode_points
+from ntt_core.proposals import Proposals, decode_points, embed_image
 from ntt_core.synthetic import make_scene
 
 CLASSES = ["disc", "square", "triangle", "ring"]
@@ -69,13 +69,16 @@ def _run_stages(predictor: NTTPredictor, bank, image: np.ndarray, timings) -> No
     config, device = predictor.config, predictor.device
     with torch.inference_mode(), predictor._autocast():
         square = resize_square_pil(image, config.sam_image_size)
+        pixels = to_float_chw(square, device)[None]
         with _timed(timings, "DINOv2 target features", device=device):
-            tokens = predictor._target_tokens(square)
+            tokens = predictor._target_tokens(pixels)
         with _timed(timings, "SAM2 image embedding", device=device):
-            predictor._sam.set_image(square)
+            embedding = embed_image(
+                predictor.sam_model, imagenet_normalize(pixels), config.add_no_mem_embed
+            )
         with _timed(timings, "SAM2 prompt decoding", device=device):
             logits, pred_iou = decode_points(
-                predictor._sam, predictor._grid, predictor.points_per_batch
+                predictor.sam_model, embedding, predictor._grid, predictor.points_per_batch
             )
         with _timed(timings, "proposal features", device=device):
             keep = pred_iou > config.pred_iou_threshold

@@ -24,7 +24,7 @@ from .proposals import Proposals
 from .result import Instances
 
 CACHE_FORMAT = "ntt-proposals"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: no no_mem_embed, x-major grid, unclamped logits
 
 
 class ProposalStore(Protocol):
@@ -39,7 +39,7 @@ def proposal_identity(config: NTTConfig) -> str:
     """A short hash of every setting that changes proposals (not the bank-side ones)."""
     fields = (
         "sam_model", "sam_config", "encoder_model", "weights", "sam_image_size",
-        "encoder_image_size", "points_per_side", "pred_iou_threshold",
+        "encoder_image_size", "points_per_side", "add_no_mem_embed", "pred_iou_threshold",
     )  # fmt: skip
     described = json.dumps({name: getattr(config, name) for name in fields}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:16]

@@ -49,6 +49,20 @@ def json_ready_rle(rle: Mapping) -> dict:
     return {"size": list(rle["size"]), "counts": counts}
 
 
+def paper_boxes_xywh(rles: Sequence[Mapping]) -> np.ndarray:
+    """COCO (x, y, w, h) boxes of RLE masks in the paper's convention: (N, 4) float64.
+
+    The paper's box ends on the last foreground column and row (torchvision's
+    ``masks_to_boxes``) and its width is ``x2 - x1``: one pixel less than pycocotools' ``toBbox``
+    of the same mask. Its bbox AP was computed on these boxes.
+    """
+    if not rles:
+        return np.zeros((0, 4))
+    boxes = mask_utils.toBbox([{"size": r["size"], "counts": r["counts"]} for r in rles])
+    boxes[:, 2:] = np.maximum(boxes[:, 2:] - 1, 0)
+    return boxes
+
+
 def results_from_detections(
     image_id: int,
     boxes_xywh: Iterable[Sequence[float]],

@@ -38,6 +38,12 @@ class NTTConfig:
     per-prompt cost grows several-fold with the chunk (53 ms at 1-4 prompts, 150-275 ms at 16-64
     for hiera-tiny at 1024 px on two cores).
     """
+    add_no_mem_embed: bool = False
+    """Add SAM2's ``no_mem_embed`` to the image embedding before decoding prompts. Not the paper's.
+
+    ``SAM2ImagePredictor.set_image`` adds it (SAM2's image model was trained with it); the
+    paper decodes without it, and its numbers were obtained so.
+    """
     pred_iou_threshold: float = 0.4
     """Proposals whose SAM-predicted IoU is at or below this are dropped."""
     context_ratio: float = 0.2

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
 
-def upsampling_matrix(source: int, target: int) -> torch.Tensor:
+def upsampling_matrix(source: int, target: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(target, source) matrix of 1-D bilinear (antialiased, align_corners=False) resampling.
 
     Bilinear resampling is separable and linear, so a 2-D resize of a map X is ``U @ X @ U.T``.
+    The weights are torch's own on ``device`` (its kernels there compute them).
     """
     # Width 2, not 1: torch's antialiased kernel mishandles a width-1 input (all mass on row 0).
-    identity = torch.eye(source).reshape(source, 1, source, 1).expand(-1, -1, -1, 2)
+    identity = torch.eye(source, device=device).reshape(source, 1, source, 1).expand(-1, -1, -1, 2)
     columns = F.interpolate(
         identity.contiguous(),
         size=(target, 2),
@@ -58,25 +57,20 @@ def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def overlap_decay(
-    scores: torch.Tensor, labels: torch.Tensor, features: torch.Tensor, rles: list[dict]
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    features: torch.Tensor,
+    overlap_over_self: torch.Tensor,
 ) -> torch.Tensor:
     """Semantic-aware overlap decay, applied within each class in the given order.
 
     For proposal i, ``ios_i = max_{j before i} |M_i ∩ M_j| / |M_i| * max(0, cos(f_i, f_j))`` and
     the score becomes ``score_i * sqrt(1 - ios_i)``. A proposal covered by an earlier, similar
     looking one of the same class (a part of the same object, typically) loses confidence.
+    ``overlap_over_self[i, j]`` holds ``|M_i ∩ M_j| / |M_i|``; only same-class pairs j < i are read.
     """
-    decayed = scores.clone()
-    for label in labels.unique().tolist():
-        members = torch.nonzero(labels == label).flatten()
-        if members.numel() < 2:
-            continue
-        member_rles = [rles[i] for i in members.tolist()]
-        # pycocotools' crowd IoU is |dt ∩ gt| / |dt|: exactly the intersection-over-self.
-        crowd = np.ones(len(member_rles), dtype=np.uint8)
-        ios = torch.from_numpy(np.asarray(mask_utils.iou(member_rles, member_rles, crowd)))
-        similarity = (features[members] @ features[members].T).clamp(min=0)
-        weighted = (ios.float() * similarity.float()).tril(diagonal=-1)
-        max_overlap = weighted.max(dim=1).values.clamp(0, 1)
-        decayed[members] = scores[members] * torch.sqrt(1 - max_overlap)
-    return decayed
+    same_class = labels[:, None] == labels[None, :]
+    similarity = (features @ features.T).clamp(min=0)
+    weighted = overlap_over_self.to(similarity) * similarity * same_class
+    max_overlap = weighted.tril(diagonal=-1).max(dim=1).values.clamp(0, 1)
+    return scores * torch.sqrt(1 - max_overlap)

@@ -20,14 +20,34 @@ from .coco import json_ready_rle
 from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
+from .masks import CroppedMasks, RLEMasks, masks_from_logits
 from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
 from .models import encoder_identity, load_models
-from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
-from .proposals import Proposals, decode_boxes, decode_points, point_grid, sam2_predictor
+from .postprocess import mask_boxes, nms_order
+from .proposals import (
+    Proposals,
+    decode_boxes,
+    decode_points,
+    embed_image,
+    point_grid,
+    sam2_predictor,
+)
 from .references import Reference, encode_references
 from .result import Instances
 
 ImageInput = np.ndarray | str | Path
+
+
+def full_resolution_masks(
+    proposals: Proposals, index: torch.Tensor | None = None
+) -> CroppedMasks | RLEMasks:
+    """Binary masks at the image size of the proposals at ``index`` (all when None): from the
+    logits, or the cached RLEs."""
+    size = tuple(proposals.image_size)
+    if proposals.rles is not None:
+        masks = RLEMasks(size, proposals.rles)
+        return masks if index is None else masks.select(index.cpu())
+    return masks_from_logits(proposals.logits, proposals.boxes, size, index)
 
 
 class NTTPredictor:
@@ -90,28 +110,39 @@ class NTTPredictor:
         image = as_rgb8(image)
         square = resize_square_pil(image, config.sam_image_size)
         with self._autocast():
-            tokens = self._target_tokens(square)
-            self._sam.set_image(square)
-            logits, pred_iou = decode_points(self._sam, self._grid, self.points_per_batch)
+            pixels = to_float_chw(square, self.device)[None]
+            tokens = self._target_tokens(pixels)
+            embedding = embed_image(
+                self.sam_model, imagenet_normalize(pixels), config.add_no_mem_embed
+            )
+            logits, pred_iou = decode_points(
+                self.sam_model, embedding, self._grid, self.points_per_batch
+            )
         keep = pred_iou > config.pred_iou_threshold
         logits, pred_iou = logits[keep], pred_iou[keep]
         masks = logits > 0
         features, valid = pooled_features(tokens, masks)
+        # Kept on the device: score() post-processes them there.
         return Proposals(
             image_size=image.shape[:2],
-            pred_iou=pred_iou[valid].cpu(),
-            boxes=mask_boxes(masks[valid]).cpu(),
-            features=features[valid].cpu(),
-            logits=logits[valid].cpu(),
+            pred_iou=pred_iou[valid],
+            boxes=mask_boxes(masks[valid]),
+            features=features[valid],
+            logits=logits[valid],
         )
 
     def score(self, proposals: Proposals, bank: MemoryBank) -> Instances:
-        """Matches proposals against the bank, deduplicates, and decays overlapping ones."""
+        """Matches proposals against the bank, deduplicates, and decays overlapping ones.
+
+        Runs where the proposals are (the GPU for fresh ones, the CPU for cached ones); only
+        the returned instances are brought to the CPU and RLE-encoded.
+        """
         config = self.config
         bank.check_compatible(self.encoder_identity, config.encoder_image_size)
         if len(proposals) == 0:
             return Instances.empty(proposals.image_size, bank.classes)
-        scores, labels = assign_classes(semantic_scores(proposals.features, bank.prototypes))
+        prototypes = bank.prototypes.to(proposals.features.device)
+        scores, labels = assign_classes(semantic_scores(proposals.features, prototypes))
         order = nms_order(
             proposals.boxes,
             proposals.pred_iou,
@@ -120,43 +151,42 @@ class NTTPredictor:
             config.max_before_decay,
         )
         order = order[scores[order] > 0]
-        kept = proposals.select(order)
-        scores, labels = scores[order], labels[order]
-        rles = kept.rles if kept.rles is not None else logits_to_rles(kept.logits, kept.image_size)
-        nonempty = torch.from_numpy(rle_areas(rles) > 0)
-        rles = [rle for rle, ok in zip(rles, nonempty.tolist()) if ok]
-        kept, scores, labels = kept.select(nonempty), scores[nonempty], labels[nonempty]
-        scores = overlap_decay(scores, labels, kept.features, rles)
+        masks = full_resolution_masks(proposals, order)
+        nonempty = torch.nonzero(masks.areas() > 0).flatten()
+        masks, order = masks.select(nonempty.cpu()), order[nonempty.to(order.device)]
+        scores, labels, features = scores[order], labels[order], proposals.features[order]
+        if len(masks) == 0:
+            return Instances.empty(proposals.image_size, bank.classes)
+        scores = overlap_decay(scores, labels, features, masks.overlap_over_self(labels))
         top = torch.sort(scores, descending=True, stable=True).indices[: config.max_detections]
-        rles = [json_ready_rle(rles[i]) for i in top.tolist()]
+        returned = masks.select(top.cpu())
         return Instances(
             image_size=tuple(proposals.image_size),
-            boxes=rle_boxes_xyxy(rles),
-            scores=scores[top].numpy().astype(np.float32),
-            labels=labels[top].numpy().astype(np.int64),
+            boxes=returned.boxes_xyxy(),
+            scores=scores[top].cpu().numpy().astype(np.float32),
+            labels=labels[top].cpu().numpy().astype(np.int64),
             class_names=list(bank.classes),
-            rles=rles,
+            rles=[json_ready_rle(rle) for rle in returned.rles()],
         )
 
     def compact(self, proposals: Proposals) -> Proposals:
-        """Proposals with full-resolution RLE masks instead of logits: cacheable, same answers."""
+        """Proposals on the CPU with full-resolution RLE masks instead of logits: cacheable,
+        same answers."""
         if proposals.rles is not None:
             return proposals
-        rles = logits_to_rles(proposals.logits, proposals.image_size)
         return Proposals(
             image_size=proposals.image_size,
-            pred_iou=proposals.pred_iou,
-            boxes=proposals.boxes,
-            features=proposals.features,
-            rles=rles,
+            pred_iou=proposals.pred_iou.cpu(),
+            boxes=proposals.boxes.cpu(),
+            features=proposals.features.cpu(),
+            rles=full_resolution_masks(proposals).rles(),
         )
 
     # -- internals --------------------------------------------------------------------------
 
-    def _target_tokens(self, square: np.ndarray) -> torch.Tensor:
-        """DINOv2 patch tokens (h, w, C) of the squashed target image."""
-        image = to_float_chw(square, self.device)[None]
-        image = resize_bicubic(image, self.config.encoder_image_size)
+    def _target_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """DINOv2 patch tokens (h, w, C) of the squashed target image (1, 3, S, S) in [0, 1]."""
+        image = resize_bicubic(pixels, self.config.encoder_image_size)
         return self.encoder(imagenet_normalize(image))[0].float()
 
     def _autocast(self) -> contextlib.AbstractContextManager:

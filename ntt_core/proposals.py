@@ -48,10 +48,41 @@ class Proposals:
 
 
 def point_grid(points_per_side: int, image_size: int) -> torch.Tensor:
-    """(N, 2) xy prompt points on a regular grid in the square SAM input frame (pixel centres)."""
+    """(N, 2) xy prompt points on a regular grid in the square SAM input frame (pixel centres).
+
+    x-major like the paper (point k has x = axis[k // n], y = axis[k % n]): NMS breaks ties
+    between equal predicted IoUs by this order.
+    """
     axis = torch.linspace(0, image_size - 1, points_per_side) + 0.5
-    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    xs, ys = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+
+
+@dataclass
+class ImageEmbedding:
+    """SAM2's image features for the mask decoder: the lowest-resolution map and the others."""
+
+    image_embed: torch.Tensor
+    """(1, C, h, w) lowest-resolution map."""
+    high_res: list[torch.Tensor]
+    """The higher-resolution maps, highest first, as the decoder takes them."""
+
+
+def embed_image(
+    sam_model: torch.nn.Module, pixels: torch.Tensor, add_no_mem_embed: bool = False
+) -> ImageEmbedding:
+    """SAM2's features of ImageNet-normalised (1, 3, S, S) pixels, as the paper computes them.
+
+    ``forward_image`` + ``_prepare_backbone_features``, without the ``no_mem_embed`` that
+    ``SAM2ImagePredictor.set_image`` adds to the lowest-resolution map unless asked.
+    """
+    backbone = sam_model.forward_image(pixels)
+    _, feats, _, sizes = sam_model._prepare_backbone_features(backbone)
+    if add_no_mem_embed:
+        feats[-1] = feats[-1] + sam_model.no_mem_embed
+    # (HW, 1, C) -> (1, C, H, W)
+    maps = [f.permute(1, 2, 0).reshape(1, -1, h, w) for f, (h, w) in zip(feats, sizes)]
+    return ImageEmbedding(image_embed=maps[-1], high_res=maps[:-1])
 
 
 def sam2_predictor(sam_model: torch.nn.Module) -> SAM2ImagePredictor:
@@ -69,18 +100,16 @@ def sam2_predictor(sam_model: torch.nn.Module) -> SAM2ImagePredictor:
 
 @torch.inference_mode()
 def decode_points(
-    predictor: SAM2ImagePredictor, points: torch.Tensor, points_per_batch: int
+    model: torch.nn.Module, embedding: ImageEmbedding, points: torch.Tensor, points_per_batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Single-point prompts -> best-of-three low-res logits (N, h, w) and predicted IoU (N,).
 
-    The image must already be set on the predictor. Decoding goes straight through the prompt
-    encoder and mask decoder, so masks are never upsampled to the input size (the predictor's
-    ``predict`` would materialise (N, 3, 1024, 1024) floats).
+    Decoding goes straight through the prompt encoder and mask decoder, so masks are never
+    upsampled to the input size (the predictor's ``predict`` would materialise
+    (N, 3, 1024, 1024) floats). The logits are kept as they are: SAM2's predictor clamps them
+    to +-32, the paper does not, and trained weights exceed that.
     """
-    model = predictor.model
-    features = predictor._features
-    image_embed = features["image_embed"]
-    high_res = [level[-1:] for level in features["high_res_feats"]]
+    image_embed, high_res = embedding.image_embed, embedding.high_res
     dense_pe = model.sam_prompt_encoder.get_dense_pe()
     best_logits, best_iou = [], []
     for chunk in points.split(points_per_batch):
@@ -98,8 +127,7 @@ def decode_points(
         )
         best = iou.argmax(dim=1)
         rows = torch.arange(len(best), device=best.device)
-        # Clamped like the predictor's own low-res output (the sign, hence the mask, is unchanged).
-        best_logits.append(logits[rows, best].float().clamp_(-32.0, 32.0))
+        best_logits.append(logits[rows, best].float())
         best_iou.append(iou[rows, best].float())
     return torch.cat(best_logits), torch.cat(best_iou)
 

@@ -48,7 +48,7 @@ def context_crop(
 ) -> tuple[int, int, int, int]:
     """Square crop (x1, y1, x2, y2) around the box, grown by context_ratio, clipped to the image."""
     x, y, w, h = box_xywh
-    x1, y1, x2, y2 = int(x), int(y), int(x + w), int(y + h)
+    x1, y1, x2, y2 = (_truncate(v) for v in (x, y, x + w, y + h))
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half = max(x2 - x1, y2 - y1) * (1 + context_ratio) / 2
     height, width = image_hw
@@ -57,6 +57,17 @@ def context_crop(
     right = min(max(int(cx + half), 0), width)
     bottom = min(max(int(cy + half), 0), height)
     return left, top, right, bottom
+
+
+# Box coordinates that went through relative coordinates come back a few ulps off their pixel
+# value (13.999999999999998 for 14); COCO's own boxes are fractional to 1e-2 at most.
+_ROUND_OFF = 1e-6
+
+
+def _truncate(value: float) -> int:
+    """``int(value)`` of the pixel number ``value`` stands for, round-off recovered first."""
+    nearest = round(value)
+    return int(nearest) if abs(value - nearest) < _ROUND_OFF else int(value)
 
 
 def prepare_reference(

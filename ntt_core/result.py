@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .coco import results_from_detections
+from .coco import paper_boxes_xywh, results_from_detections
 
 
 @dataclass
@@ -18,7 +18,9 @@ class Instances:
     image_size: tuple[int, int]
     """(H, W) of the image the masks cover."""
     boxes: np.ndarray
-    """(N, 4) float32 xyxy in pixels (tight, pixel-inclusive boxes of the masks)."""
+    """(N, 4) float32 xyxy in pixels: the tight box that contains the mask (x2, y2 one past the
+    last foreground column and row), as a FiftyOne ``Detection`` needs it, whose mask is cropped
+    to its box. ``to_coco`` uses the paper's convention instead (see ``paper_boxes_xywh``)."""
     scores: np.ndarray
     """(N,) float32 confidences in [0, 1]."""
     labels: np.ndarray
@@ -52,8 +54,8 @@ class Instances:
         return mask_utils.decode(self.rles).transpose(2, 0, 1).astype(bool)
 
     def to_coco(self, image_id: int, category_ids: Mapping[str, int]) -> list[dict]:
-        """COCO results entries (xywh boxes, RLE segmentation) for pycocotools' COCOeval."""
-        boxes_xywh = self.boxes.copy()
-        boxes_xywh[:, 2:] -= boxes_xywh[:, :2]
+        """COCO results entries for pycocotools' COCOeval: RLE segmentation and the paper's
+        xywh box (width = last foreground column - first, as its bbox AP was computed)."""
+        boxes_xywh = paper_boxes_xywh(self.rles)
         categories = [category_ids[name] for name in self.label_names]
         return results_from_detections(image_id, boxes_xywh, self.scores, categories, self.rles)

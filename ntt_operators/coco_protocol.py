@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import fiftyone as fo
+import numpy as np
 from fiftyone import ViewField as F
 from pycocotools.coco import COCO
 
-from ntt_core.coco import encode_mask, evaluate_coco, load_ground_truth, results_from_detections
+from ntt_core.coco import (
+    encode_mask,
+    evaluate_coco,
+    load_ground_truth,
+    paper_boxes_xywh,
+    results_from_detections,
+)
 from ntt_core.config import NTTConfig
 from ntt_core.errors import NTTError, ReferenceInputError
 from ntt_core.fewshot import ReferenceChoice, class_ids_by_name, sample_references
@@ -127,7 +134,7 @@ def reproduce(
     add_images(dataset, data.root, TRAIN_TAG, data.train, data.train["images"], log)
     tag_references(dataset, data.references, names["ref_tag"])
     log(f"Tagged {settings.shots} references x {len(data.references)} classes")
-    _build_bank(dataset, settings, names, log, progress)
+    _build_bank(dataset, settings, names, data.train, log, progress)
     val_view = dataset.match_tags(VAL_TAG)
     started = time.monotonic()
     segmentation = _segment(val_view, settings, names, log, progress)
@@ -270,10 +277,30 @@ def tag_references(
     view.tag_samples(tag)
 
 
+def reference_masks(dataset: fo.Dataset, tag: str, train: Mapping) -> dict[str, np.ndarray]:
+    """pycocotools' ``annToMask`` of each reference tagged ``tag``, by FiftyOne label id.
+
+    The paper's references are these masks; FiftyOne's imported ones are cropped to the rounded
+    box and lose the rare pixel outside it.
+    """
+    view = dataset.match_tags(TRAIN_TAG).select_labels(tags=tag, fields=GT_FIELD)
+    paths = [f"{GT_FIELD}.detections.id", f"{GT_FIELD}.detections.{COCO_ID_FIELD}"]
+    label_ids, ann_ids = view.values(paths, unwind=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints on createIndex
+        coco = COCO()
+        coco.dataset = dict(train)
+        coco.createIndex()
+    return {
+        label_id: coco.annToMask(coco.anns[ann_id]).astype(bool)
+        for label_id, ann_id in zip(label_ids, ann_ids)
+    }
+
+
 def _build_bank(
     dataset: fo.Dataset,
     settings: ReproduceSettings,
     names: dict,
+    train: Mapping,
     log: Log,
     progress: Progress | None = None,
 ) -> None:
@@ -291,6 +318,7 @@ def _build_bank(
         config=settings.config,
         overwrite=True,
         progress=progress,
+        full_masks=reference_masks(dataset, names["ref_tag"], train),
     )
 
 
@@ -365,15 +393,17 @@ def coco_results(
 
 
 def _image_results(image: Mapping, detections: list, category_of: Mapping) -> list[dict]:
+    """One image's results; boxes are the masks' boxes in the paper's convention (its bbox AP
+    was computed so), not the FiftyOne boxes, which contain the mask (one pixel wider)."""
     width, height = image["width"], image["height"]
-    boxes, rles = [], []
-    for det in detections:
-        x, y, w, h = det.bounding_box
-        boxes.append([x * width, y * height, w * width, h * height])
-        # Not det.to_segmentation(): it resamples the crop and can drop a row or column.
-        rles.append(encode_mask(paste_mask(det.get_mask(), det.bounding_box, width, height)))
+    # Not det.to_segmentation(): it resamples the crop and can drop a row or column.
+    rles = [
+        encode_mask(paste_mask(det.get_mask(), det.bounding_box, width, height))
+        for det in detections
+    ]
     scores = [det.confidence for det in detections]
     category_ids = [category_of[det.label] for det in detections]
+    boxes = paper_boxes_xywh(rles)
     return results_from_detections(image["id"], boxes, scores, category_ids, rles)
 
 

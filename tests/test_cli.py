@@ -16,9 +16,13 @@ from pathlib import Path
 from urllib.error import URLError
 
 import fiftyone as fo
+import numpy as np
 import pytest
 from fiftyone import ViewField as F
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
+from ntt_core import NTTPredictor
 from ntt_core.coco import evaluate_coco
 from ntt_core.fewshot import FEW_SHOT_CLASSES, class_ids_by_name, sample_references
 from ntt_core.synthetic import write_coco_dataset, write_coco_root
@@ -66,11 +70,35 @@ def reproduce_args(root: Path, dataset: str, *extra: str, download: bool = False
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
     # 70 train images (data seed 5) give each class 2 usable references for seed 33.
-    return write_coco_root(tmp_path_factory.mktemp("coco"), CLASSES, 70, 6, seed=5)
+    root = write_coco_root(tmp_path_factory.mktemp("coco"), CLASSES, 70, 6, seed=5)
+    # Like some real COCO boxes, start each train box 0.6 px inside its polygon's first column:
+    # FiftyOne crops the mask to the rounded box and loses that column; annToMask keeps it.
+    path = root / "annotations/instances_train2017.json"
+    train = json.loads(path.read_text())
+    for ann in train["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["bbox"] = [x + 0.6, y, w - 0.6, h]
+    path.write_text(json.dumps(train))
+    return root
 
 
 @pytest.fixture(scope="module")
-def reproduced(coco_root):
+def encoded_references():
+    """Every Reference that reaches NTTPredictor.build_bank while the module's fixtures run."""
+    seen = []
+    build_bank = NTTPredictor.build_bank
+
+    def recording(self, references, classes=None):
+        seen.extend(references)
+        return build_bank(self, references, classes)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NTTPredictor, "build_bank", recording)
+        yield seen
+
+
+@pytest.fixture(scope="module")
+def reproduced(coco_root, encoded_references):
     code, out, err = run_cli(*reproduce_args(coco_root, "cli-coco"))
     assert code == 0, err
     return out, err
@@ -102,6 +130,22 @@ def test_reproduce_tags_exactly_the_papers_references(reproduced, coco_root):
     assert len(dataset.match_tags("val2017")) == 2
 
 
+def test_reproduce_encodes_the_annotations_own_masks_and_boxes(
+    reproduced, encoded_references, coco_root
+):
+    train = COCO(str(coco_root / "annotations/instances_train2017.json"))
+    dataset = fo.load_dataset("cli-coco")
+    label_ids, ann_ids = dataset.values(
+        ["ground_truth.detections.id", "ground_truth.detections.coco_id"], unwind=True
+    )
+    ann_of = dict(zip(label_ids, ann_ids))
+    assert len(encoded_references) == SHOTS * len(FEW_SHOT_CLASSES)
+    for reference in encoded_references:
+        ann = train.anns[ann_of[reference.ref_id.split(":")[1]]]
+        np.testing.assert_array_equal(reference.mask, train.annToMask(ann).astype(bool))
+        np.testing.assert_allclose(reference.box_xywh, ann["bbox"], rtol=0, atol=1e-9)
+
+
 def test_reproduce_predicts_only_the_splits_classes(reproduced):
     dataset = fo.load_dataset("cli-coco")
     predicted = set(dataset.distinct(f"ntt_{RUN}.detections.label"))
@@ -128,8 +172,13 @@ def test_ground_truth_as_predictions_scores_one(reproduced, coco_root, tmp_path)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     category_ids = class_ids_by_name(val["categories"], list(FEW_SHOT_CLASSES))
     stats = evaluate_coco(tmp_path / "gt.json", results, category_ids)
-    assert stats["bbox"]["AP"] == pytest.approx(1.0)
     assert stats["segm"]["AP"] == pytest.approx(1.0)
+    # Result boxes follow the paper (width = last column - first), one pixel inside the
+    # ground truth's, so only the strictest IoU thresholds can miss.
+    assert stats["bbox"]["AP50"] == pytest.approx(1.0) and stats["bbox"]["AP"] > 0.8
+    for result in results:
+        x, y, w, h = mask_utils.toBbox(result["segmentation"])
+        assert result["bbox"] == [x, y, w - 1, h - 1]
 
 
 def test_console_script_resumes_on_the_same_dataset(reproduced, coco_root):

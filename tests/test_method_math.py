@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from ntt_core.bank import class_prototypes
+from ntt_core.masks import masks_from_logits
 from ntt_core.matching import (
     assign_classes,
     overlap_decay,
@@ -16,7 +17,7 @@ from ntt_core.matching import (
     semantic_scores,
     upsampling_matrix,
 )
-from ntt_core.postprocess import logits_to_rles, nms_order, rle_boxes_xyxy
+from ntt_core.postprocess import nms_order, rle_boxes_xyxy
 from ntt_core.proposals import point_grid
 from ntt_core.references import context_crop, mask_box_xywh, masked_mean_features
 
@@ -30,6 +31,17 @@ def test_context_crop_by_hand():
     assert context_crop((10, 20, 30, 40), (100, 100), 0.2) == (1, 16, 49, 64)
     # At a border the crop is clipped, so it is no longer square.
     assert context_crop((0, 0, 10, 10), (100, 100), 0.2) == (0, 0, 11, 11)
+
+
+def test_context_crop_recovers_pixel_values_before_truncating():
+    # 123 px through FiftyOne's relative coordinates: (123 / 480) * 480 = 122.99999999999999.
+    height = (123 / 480) * 480
+    assert height < 123
+    # Corners 10, 0, 40, 123; centre (25, 61.5); half side 123 * 1.2 / 2 = 73.8.
+    assert context_crop((10, 0, 30, height), (200, 200), 0.2) == (0, 0, 98, 135)
+    assert context_crop((10, 0, 30, 123), (200, 200), 0.2) == (0, 0, 98, 135)
+    # A genuinely fractional COCO box still truncates: int(10.34 + 30.5) = 40.
+    assert context_crop((10.34, 0, 30.5, 123), (200, 200), 0.2) == (0, 0, 98, 135)
 
 
 def test_mask_box_is_pixel_inclusive():
@@ -90,6 +102,11 @@ def test_pooled_features_equal_mean_of_upsampled_tokens():
     assert valid.tolist() == [True, True, False]
 
 
+def overlap_over_self(rles: list[dict]) -> torch.Tensor:
+    masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).flatten(1).double()
+    return (masks @ masks.T) / masks.sum(dim=1)[:, None]
+
+
 def test_overlap_decay_by_hand():
     big = np.zeros((8, 8), bool)
     big[0:4, 0:4] = True  # 16 px
@@ -103,7 +120,7 @@ def test_overlap_decay_by_hand():
     )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     labels = torch.tensor([0, 0, 0, 1])
-    decayed = overlap_decay(scores, labels, features, rles)
+    decayed = overlap_decay(scores, labels, features, overlap_over_self(rles))
     # `part` lies wholly in `big` (ios 1) with cos 0.5 -> 0.8 * sqrt(1 - 0.5);
     # `other` overlaps nothing; the class-1 proposal has nothing before it in its class.
     assert decayed.tolist() == pytest.approx([0.9, 0.8 * math.sqrt(0.5), 0.7, 0.6])
@@ -117,7 +134,10 @@ def test_overlap_decay_is_order_dependent():
     features = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     # big after part: |big ∩ part| / |big| = 8 / 16, cos 1 -> 0.9 * sqrt(0.5)
     decayed = overlap_decay(
-        torch.tensor([0.8, 0.9]), torch.tensor([0, 0]), features, [_rle(part), _rle(big)]
+        torch.tensor([0.8, 0.9]),
+        torch.tensor([0, 0]),
+        features,
+        overlap_over_self([_rle(part), _rle(big)]),
     )
     assert decayed.tolist() == pytest.approx([0.8, 0.9 * math.sqrt(0.5)])
 
@@ -132,16 +152,19 @@ def test_nms_ranks_by_predicted_iou_not_semantic_score():
     assert nms_order(boxes, pred_iou, labels, 0.5, limit=2).tolist() == [1, 2]
 
 
-def test_point_grid_is_pixel_centred_linspace():
+def test_point_grid_is_pixel_centred_linspace_x_major():
     grid = point_grid(2, 4)
-    assert grid.tolist() == [[0.5, 0.5], [3.5, 0.5], [0.5, 3.5], [3.5, 3.5]]
+    # The paper's order: point k has x = axis[k // 2], y = axis[k % 2].
+    assert grid.tolist() == [[0.5, 0.5], [0.5, 3.5], [3.5, 0.5], [3.5, 3.5]]
     assert point_grid(32, 1024).shape == (1024, 2)
 
 
 def test_logits_become_full_resolution_masks_and_tight_boxes():
     logits = torch.full((1, 4, 4), -5.0)
     logits[0, 1:3, 1:3] = 5.0
-    (rle,) = logits_to_rles(logits, (8, 8))
+    masks = masks_from_logits(logits, torch.tensor([[1, 1, 2, 2]]), (8, 8))
+    (rle,) = masks.rles()
     mask = mask_utils.decode(rle).astype(bool)
     assert mask[2:6, 2:6].all() and mask.sum() == 16
+    assert masks.boxes_xyxy().tolist() == [[2.0, 2.0, 6.0, 6.0]]
     assert rle_boxes_xyxy([rle]).tolist() == [[2.0, 2.0, 6.0, 6.0]]

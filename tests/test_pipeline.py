@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from ntt_core import MemoryBank, NTTConfig, NTTPredictor, Reference
+from ntt_core import MemoryBank, NTTConfig, NTTPredictor, Proposals, Reference
+from ntt_core.cache import proposal_identity
 from ntt_core.errors import BankMismatchError
 from ntt_core.images import imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
+from ntt_core.postprocess import mask_boxes
 from ntt_core.synthetic import make_scene
 
 CLASSES = ["disc", "square", "triangle"]
@@ -136,6 +138,42 @@ def test_coco_results_round_trip(predictor, bank, scenes):
     for entry, box, rle in zip(entries, result.boxes, result.rles):
         assert entry["segmentation"] == rle
         assert entry["image_id"] == 5 and entry["category_id"] in ids.values()
+        # The paper's box: width = last foreground column - first, one less than the box that
+        # contains the mask (FiftyOne's, and pycocotools' toBbox).
         x, y, w, h = entry["bbox"]
-        assert [x, y, x + w, y + h] == box.tolist()
-        assert mask_utils.toBbox(entry["segmentation"]).tolist() == entry["bbox"]
+        assert [x, y, x + w + 1, y + h + 1] == box.tolist()
+        assert (mask_utils.toBbox(entry["segmentation"]) - [0, 0, 1, 1]).tolist() == entry["bbox"]
+
+
+def grid_of_square_proposals(count: int, channels: int) -> Proposals:
+    """``count`` 2x2-pixel proposals on a 96x96 logit grid, none overlapping another's box."""
+    logits = torch.full((count, 96, 96), -10.0)
+    for k in range(count):
+        row, col = divmod(k, 32)
+        logits[k, 3 * row : 3 * row + 2, 3 * col : 3 * col + 2] = 10.0
+    features = F.normalize(torch.randn(count, channels, generator=torch.Generator().manual_seed(0)))
+    return Proposals(
+        image_size=(192, 192),
+        pred_iou=torch.linspace(0.9, 0.5, count),
+        boxes=mask_boxes(logits > 0),
+        features=features,
+        logits=logits,
+    )
+
+
+@pytest.mark.parametrize("count", [300, 800])
+def test_score_takes_hundreds_of_kept_proposals(predictor, bank, count):
+    """pycocotools 2.0.11's area() overflows for 256 or more RLEs; the paper keeps up to 800."""
+    proposals = grid_of_square_proposals(count, bank.prototypes.shape[1])
+    for given in (proposals, predictor.compact(proposals)):
+        result = predictor.score(given, bank)
+        assert len(result) == predictor.config.max_detections
+        assert (result.masks().sum(axis=(1, 2)) == 16).all()  # 2x2 low-res px -> 4x4 full-res
+
+
+def test_no_mem_embed_is_opt_in_and_part_of_the_cache_identity(predictor, scenes):
+    with_embed = predictor.config.replace(add_no_mem_embed=True)
+    assert proposal_identity(with_embed) != proposal_identity(predictor.config)
+    default = predictor.propose(scenes[3][0])
+    added = NTTPredictor(with_embed).propose(scenes[3][0])
+    assert len(added) != len(default) or not torch.equal(added.logits, default.logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import fiftyone as fo
@@ -36,16 +37,28 @@ def build_memory_bank(
     config: NTTConfig | None = None,
     progress: Progress | None = None,
     overwrite: bool = False,
+    full_masks: Mapping[str, np.ndarray] | None = None,
 ) -> MemoryBank:
     """Encodes the tagged references of ``gt_field`` and stores the bank as run ``bank_name``.
 
     ``tag_type="sample"``: every instance of the samples tagged ``ref_tag``;
     ``"label"``: only the instances tagged ``ref_tag``. Instances without a mask get SAM2's mask
-    for their box. ``config`` defaults to the paper's (``NTTConfig()``).
+    for their box. ``config`` defaults to the paper's (``NTTConfig()``). ``full_masks``
+    (full-resolution bool masks by label id) replace the labels' own box-cropped masks: the
+    COCO protocol passes pycocotools' ``annToMask``, which may reach outside the rounded box
+    that FiftyOne crops to.
     """
     return drive_steps(
         iter_build_memory_bank(
-            dataset_or_view, gt_field, bank_name, ref_tag, tag_type, classes, config, overwrite
+            dataset_or_view,
+            gt_field,
+            bank_name,
+            ref_tag,
+            tag_type,
+            classes,
+            config,
+            overwrite,
+            full_masks,
         ),
         progress,
     )
@@ -60,6 +73,7 @@ def iter_build_memory_bank(
     classes: list[str] | None = None,
     config: NTTConfig | None = None,
     overwrite: bool = False,
+    full_masks: Mapping[str, np.ndarray] | None = None,
 ) -> Steps:
     """``build_memory_bank`` as progress steps; returns the bank."""
     dataset = root_dataset(dataset_or_view)
@@ -91,7 +105,10 @@ def iter_build_memory_bank(
     box_masks = _masks_from_boxes(predictor, instances)
     references = []
     for k, instance in enumerate(instances):
-        mask = box_masks[k] if k in box_masks else instance.full_mask()
+        if full_masks is not None and instance.label_id in full_masks:
+            mask = full_masks[instance.label_id]
+        else:
+            mask = box_masks[k] if k in box_masks else instance.full_mask()
         references.append(
             Reference(
                 image=instance.filepath,
