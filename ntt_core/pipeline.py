@@ -20,7 +20,7 @@ from .coco import json_ready_rle
 from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
-from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
+from .matching import assign_classes, overlap_decay, pooled_features, scores_with_negatives
 from .models import encoder_identity, load_models
 from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
 from .proposals import Proposals, decode_boxes, decode_points, point_grid, sam2_predictor
@@ -33,11 +33,40 @@ ImageInput = np.ndarray | str | Path
 class NTTPredictor:
     """Frozen SAM2 + DINOv2 and the method's settings; build once, call per image."""
 
-    def __init__(self, config: NTTConfig | None = None) -> None:
+    def __init__(self, config: NTTConfig | None = None, load: bool = True) -> None:
+        """``load=False`` defers loading the models to their first use: re-scoring cached
+        proposals (``score``) needs none of them."""
         self.config = config or NTTConfig()
-        self.sam_model, self.encoder, self.device = load_models(self.config)
-        self._sam = sam2_predictor(self.sam_model)
         self._grid = point_grid(self.config.points_per_side, self.config.sam_image_size)
+        self._models: tuple | None = None
+        if load:
+            self._load()
+
+    def _load(self) -> tuple:
+        if self._models is None:
+            sam_model, encoder, device = load_models(self.config)
+            self._models = (sam_model, encoder, device, sam2_predictor(sam_model))
+        return self._models
+
+    @property
+    def models_loaded(self) -> bool:
+        return self._models is not None
+
+    @property
+    def sam_model(self) -> torch.nn.Module:
+        return self._load()[0]
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self._load()[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._load()[2]
+
+    @property
+    def _sam(self):
+        return self._load()[3]
 
     @property
     def points_per_batch(self) -> int:
@@ -58,8 +87,7 @@ class NTTPredictor:
         """Encodes reference instances and aggregates them into class prototypes."""
         if not references:
             raise ReferenceInputError("No reference instances given: tag some references first")
-        with self._autocast():
-            features = encode_references(self.encoder, references, self.config.context_ratio)
+        features = self.encode(references)
         return MemoryBank.from_features(
             features,
             labels=[ref.label for ref in references],
@@ -68,6 +96,11 @@ class NTTPredictor:
             encoder_image_size=self.config.encoder_image_size,
             classes=classes,
         )
+
+    def encode(self, references: Sequence[Reference]) -> torch.Tensor:
+        """(N, C) features of reference instances (positive or negative: encoded alike)."""
+        with self._autocast():
+            return encode_references(self.encoder, references, self.config.context_ratio)
 
     @torch.inference_mode()
     def masks_from_boxes(
@@ -111,7 +144,7 @@ class NTTPredictor:
         bank.check_compatible(self.encoder_identity, config.encoder_image_size)
         if len(proposals) == 0:
             return Instances.empty(proposals.image_size, bank.classes)
-        scores, labels = assign_classes(semantic_scores(proposals.features, bank.prototypes))
+        scores, labels = assign_classes(self.class_scores(proposals.features, bank))
         order = nms_order(
             proposals.boxes,
             proposals.pred_iou,
@@ -137,6 +170,13 @@ class NTTPredictor:
             class_names=list(bank.classes),
             rles=rles,
         )
+
+    def class_scores(self, features: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
+        """(P, K) semantic scores of proposal features, lowered near the bank's negatives."""
+        return scores_with_negatives(
+            features, bank.prototypes, bank.negatives, bank.negative_labels,
+            self.config.negative_sigma,
+        )  # fmt: skip
 
     def compact(self, proposals: Proposals) -> Proposals:
         """Proposals with full-resolution RLE masks instead of logits: cacheable, same answers."""
