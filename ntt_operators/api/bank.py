@@ -105,7 +105,10 @@ def iter_build_memory_bank(
 
 
 def update_memory_bank(
-    dataset: fo.Dataset, bank_name: str, progress: Progress | None = None
+    dataset: fo.Dataset,
+    bank_name: str,
+    add_fields: list[str] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Brings a bank up to date with its sources' tags, encoding only what changed.
 
@@ -114,17 +117,22 @@ def update_memory_bank(
     (or changed class) are dropped, the others keep their features and their date. An entry whose
     label no longer exists (re-scoring dropped that prediction, say) is kept, so a correction is
     never lost silently; rebuild the bank to drop such entries. The result equals a rebuild from
-    scratch over the same labels. Returns what was added, removed and kept.
+    scratch over the same labels. ``add_fields`` adds reference fields from now on (e.g. the
+    predictions field, to accept predictions tagged as references). Returns what was added,
+    removed and kept.
     """
-    return drive_steps(iter_update_memory_bank(dataset, bank_name), progress)
+    return drive_steps(iter_update_memory_bank(dataset, bank_name, add_fields), progress)
 
 
-def iter_update_memory_bank(dataset: fo.Dataset, bank_name: str) -> Steps:
+def iter_update_memory_bank(
+    dataset: fo.Dataset, bank_name: str, add_fields: list[str] | None = None
+) -> Steps:
     """``update_memory_bank`` as progress steps; returns the summary."""
     dataset = root_dataset(dataset)
     previous = load_memory_bank(dataset, bank_name)
     recorded = memory_bank_config(dataset, bank_name)
     sources = BankSources.from_record(recorded)
+    sources.ref_fields += [f for f in add_fields or [] if f not in sources.ref_fields]
     sources.check(dataset)
     config = NTTConfig.from_dict(recorded["ntt_config"])
     wanted = collect_entries(dataset, sources)
@@ -170,8 +178,8 @@ class BankSources:
         )
 
     def check(self, collection: Collection) -> None:
-        if not self.ref_fields:
-            raise PluginInputError(_NO_FIELD_ROUTE)
+        if not self.ref_fields or not detection_fields(collection):
+            raise PluginInputError(NO_FIELD_ROUTE)
         for field_name in self.ref_fields:
             require_detections_field(collection, field_name)
         require_tag(self.ref_tag)
@@ -206,7 +214,7 @@ class Entry:
     """The label no longer exists; the entry is kept from the previous bank as it was."""
 
 
-_NO_FIELD_ROUTE = (
+NO_FIELD_ROUTE = (
     "This dataset has no fo.Detections field to take references from. Draw some in the App: "
     "open a sample, Annotate tab -> Add schema -> New field (Label, Detections, your classes) "
     "-> draw boxes -> tag them 'reference' (Edit form, or Explore) -> Build memory bank"
