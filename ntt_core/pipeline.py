@@ -21,7 +21,7 @@ from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .matching import assign_classes, overlap_decay, pooled_features, scores_with_negatives
-from .models import encoder_identity, load_models
+from .models import encoder_identity, load_encoder, load_sam2, resolve_device
 from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
 from .proposals import Proposals, decode_boxes, decode_points, point_grid, sam2_predictor
 from .references import Reference, encode_references
@@ -34,39 +34,45 @@ class NTTPredictor:
     """Frozen SAM2 + DINOv2 and the method's settings; build once, call per image."""
 
     def __init__(self, config: NTTConfig | None = None, load: bool = True) -> None:
-        """``load=False`` defers loading the models to their first use: re-scoring cached
-        proposals (``score``) needs none of them."""
+        """``load=False`` defers loading each model to its first use: re-scoring cached
+        proposals (``score``) needs neither, encoding references needs only DINOv2."""
         self.config = config or NTTConfig()
         self._grid = point_grid(self.config.points_per_side, self.config.sam_image_size)
-        self._models: tuple | None = None
-        if load:
-            self._load()
-
-    def _load(self) -> tuple:
-        if self._models is None:
-            sam_model, encoder, device = load_models(self.config)
-            self._models = (sam_model, encoder, device, sam2_predictor(sam_model))
-        return self._models
+        self._sam_parts: tuple | None = None
+        self._encoder: torch.nn.Module | None = None
+        if load:  # both now, so that a bad checkpoint or device is refused here
+            self._load_sam()
+            self._encoder = load_encoder(self.config)
 
     @property
     def models_loaded(self) -> bool:
-        return self._models is not None
+        """Whether any model has been loaded (re-scoring cached proposals loads none)."""
+        return self._sam_parts is not None or self._encoder is not None
 
     @property
     def sam_model(self) -> torch.nn.Module:
-        return self._load()[0]
+        return self._load_sam()[0]
 
     @property
     def encoder(self) -> torch.nn.Module:
-        return self._load()[1]
+        if self._encoder is None:
+            self._encoder = load_encoder(self.config)
+        return self._encoder
 
     @property
     def device(self) -> torch.device:
-        return self._load()[2]
+        return resolve_device(self.config.device)
 
     @property
     def _sam(self):
-        return self._load()[3]
+        """SAM2's image predictor (prompts in, masks out)."""
+        return self._load_sam()[1]
+
+    def _load_sam(self) -> tuple:
+        if self._sam_parts is None:
+            model = load_sam2(self.config)
+            self._sam_parts = (model, sam2_predictor(model))
+        return self._sam_parts
 
     @property
     def points_per_batch(self) -> int:

@@ -153,7 +153,11 @@ def test_from_no_labels_to_a_corrected_model(boxed):
     patches.select_labels(ids=[false_positive.id]).tag_labels("negative")
     assert predictions(dataset)[false_positive.id][2] == ("negative",)  # reached the dataset
 
-    updated = api.update_memory_bank(dataset, "bank")
+    with network_calls() as calls:
+        updated = api.update_memory_bank(dataset, "bank")
+    # Only the new negative is encoded, by DINOv2; its predicted mask is used as is (no SAM2).
+    assert "DINOv2Encoder" in calls
+    assert not {"ImageEncoder", "PromptEncoder", "MaskDecoder"} & set(calls)
     assert updated["added"] == [f"{sample_id}:{false_positive.id}"] and updated["encoded"] == 1
     bank = api.load_memory_bank(dataset, "bank")
     assert bank.negative_ids == updated["added"]
@@ -280,12 +284,11 @@ def test_replacing_a_field_deletes_its_evaluations_and_says_so(banked):
     dataset = banked
     targets = dataset.match_tags("reference", bool=False)
     api.evaluate(targets, PREDICTIONS, "ground_truth", "before")
+    assert dataset.has_sample_field("before_tp")
     out = api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=True, overwrite=True)
     assert out["deleted_evaluations"] == ["before"]
     assert dataset.list_evaluations() == []
-    assert "before" not in dataset.get_field_schema(flat=True).get(
-        f"{PREDICTIONS}.detections", fo.ListField()
-    ).__dict__.get("fields", {})
+    assert not dataset.has_sample_field("before_tp")  # its per-sample counts went with it
 
 
 def test_output_field_with_accepted_references_is_only_updated_in_place(banked):
@@ -331,6 +334,7 @@ def _snapshot(dataset: fo.Dataset) -> tuple:
     [
         (lambda d: setattr(d, "label", None), "has no class"),
         (lambda d: setattr(d, "bounding_box", [0.1, 0.1, 0.001, 0.001]), "too small to see"),
+        (lambda d: d.tags.append("negative"), "tagged both 'reference' and 'negative'"),
     ],
 )
 def test_unusable_drawn_references_are_refused_with_their_id(boxed, edit, message):
