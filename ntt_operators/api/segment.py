@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import fiftyone as fo
+import torch
 
 from ntt_core import Instances, MemoryBank, NTTConfig, NTTPredictor
 from ntt_core.models import encoder_identity
@@ -311,9 +312,22 @@ def _predict_locally(
             with _timed(timings, "read_cache"):
                 store = Prefetched(cache, cache.get_many(chunk))
         for sample_id, filepath in zip(chunk, filepaths[start : start + read_batch]):
-            with _timed(timings, "score"):
+            cached = store is not None and sample_id in store.blobs
+            with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
                 outcome = predict_or_error(predictor, filepath, bank, store, sample_id)
             yield sample_id, *outcome
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Scoring cached proposals works on tensors of a few hundred rows, where waking torch's
+    thread pool costs more than the work (7x slower on a busy 2-core machine): one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
