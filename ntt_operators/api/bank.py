@@ -317,8 +317,9 @@ def _assemble(
     yield 0.0, f"Encoding {len(todo)} new reference(s)" if todo else "Nothing new to encode"
     fresh: dict[tuple, tuple] = {}
     if todo:
-        # SAM2 loads only for box-only labels; DINOv2 encodes every new entry.
-        predictor = NTTPredictor(config, load=False)
+        # A build checks every checkpoint now (segmentation will use them); an update, whose
+        # config was checked at build time, loads SAM2 only for box-only labels.
+        predictor = NTTPredictor(config, load=previous is None)
         box_masks = _masks_from_boxes(predictor, [e.instance for e in todo])
         references = [_reference(e.instance, box_masks.get(k), e.label) for k, e in enumerate(todo)]
         yield 0.5, f"Encoding {len(references)} reference(s)"
