@@ -12,7 +12,12 @@ if importlib.util.find_spec("ntt_operators") is None:
     # Installed with `fiftyone plugins download` but not pip: the packages sit next to this file.
     sys.path.append(str(pathlib.Path(__file__).resolve().parent))
 
-from ntt_operators.bank import BuildMemoryBank, DeleteMemoryBank, GetMemoryBankInfo  # noqa: E402
+from ntt_operators.bank import (  # noqa: E402
+    BuildMemoryBank,
+    DeleteMemoryBank,
+    GetMemoryBankInfo,
+    UpdateMemoryBank,
+)
 from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
 from ntt_operators.references import SampleReferences  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
@@ -20,6 +25,7 @@ from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # n
 OPERATORS = (
     SampleReferences,
     BuildMemoryBank,
+    UpdateMemoryBank,
     GetMemoryBankInfo,
     DeleteMemoryBank,
     SegmentWithReferences,

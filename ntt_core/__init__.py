@@ -4,7 +4,7 @@ The engine: torch/numpy only, no FiftyOne. Build an ``NTTPredictor`` once, turn 
 instances into a ``MemoryBank``, and call ``predict(image, bank)`` per target image.
 """
 
-from .bank import MemoryBank
+from .bank import MemoryBank, Negatives
 from .config import NTTConfig
 from .errors import (
     BankError,
@@ -29,6 +29,7 @@ __all__ = [
     "ImageError",
     "Instances",
     "MemoryBank",
+    "Negatives",
     "NTTConfig",
     "NTTError",
     "NTTPredictor",

@@ -54,6 +54,14 @@ class NTTConfig:
     """Proposals kept after NMS, before the semantic-aware overlap decay."""
     max_detections: int = 100
     """Instances kept per image after the decay."""
+    negative_sigma: float = 0.8
+    """Temperature of the negative-reference decay (the reference implementation's 0.8).
+
+    A proposal whose best similarity to a class's negative references, ``neg``, exceeds its
+    similarity to the class prototype, ``pos``, scores ``pos * exp(-(neg - pos) / sigma)`` for
+    that class; smaller values punish a resemblance to a negative harder. Without negative
+    references it changes nothing.
+    """
 
     device: str = "auto"
     """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
@@ -75,6 +83,7 @@ class NTTConfig:
         _require(0.0 < self.nms_iou_threshold <= 1.0, "nms_iou_threshold must be in (0, 1]")
         _require(self.max_before_decay >= 1, "max_before_decay must be >= 1")
         _require(self.max_detections >= 1, "max_detections must be >= 1")
+        _require(self.negative_sigma > 0.0, "negative_sigma must be > 0")
 
     def replace(self, **changes: Any) -> NTTConfig:
         """A copy with some fields changed (validated like a new config)."""

@@ -50,6 +50,32 @@ def semantic_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.T
     return (features @ prototypes.T).clamp(min=0)
 
 
+def scores_with_negatives(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_labels: torch.Tensor,
+    sigma: float,
+) -> torch.Tensor:
+    """(P, K) class scores lowered where a proposal resembles a class's negative references.
+
+    ``pos_k = max(0, f·p_k)``, ``neg_k = max over the negatives n of class k of max(0, f·n)``
+    (0 when class k has none) and the score is ``pos_k * exp(-max(0, neg_k - pos_k) / sigma)``,
+    as in the reference implementation's negative path. Unlike it, ``p_k`` stays our prototype
+    (the mean of the instance features) instead of a token-weighted class mean, so a negative
+    changes only the decay factor. ``negatives`` (M, C) are L2-normalised; ``negative_labels``
+    (M,) index the classes. Without negatives this is ``semantic_scores`` exactly.
+    """
+    positive = semantic_scores(features, prototypes)
+    if negatives.shape[0] == 0:
+        return positive
+    similarity = (features @ negatives.T).clamp(min=0)  # (P, M)
+    closest = torch.zeros_like(positive)
+    index = negative_labels.to(features.device)[None].expand_as(similarity)
+    closest = closest.scatter_reduce(1, index, similarity, reduce="amax", include_self=True)
+    return positive * torch.exp(-(closest - positive).clamp(min=0) / sigma)
+
+
 def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Best class per proposal: (score (P,), label (P,)); one class per mask."""
     best, labels = scores.max(dim=1)

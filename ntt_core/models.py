@@ -110,22 +110,31 @@ def build_dinov2_encoder(
 
 def load_models(config: NTTConfig) -> tuple[SAM2Base, DINOv2Encoder, torch.device]:
     """The config's SAM2 and DINOv2 on its device, built on first use and then shared."""
+    return load_sam2(config), load_encoder(config), resolve_device(config.device)
+
+
+def load_sam2(config: NTTConfig) -> SAM2Base:
+    """The config's SAM2 on its device, built on first use and then shared."""
     device = resolve_device(config.device)
     sam_key = ("sam2", config.sam_model, config.sam_config, config.weights, config.sam_image_size)
-    sam = _cached(
+    return _cached(
         (*sam_key, str(device)),
         lambda: build_sam2_model(
             config.sam_model, config.weights, config.sam_image_size, device, config.sam_config
         ),
     )
+
+
+def load_encoder(config: NTTConfig) -> DINOv2Encoder:
+    """The config's DINOv2 on its device, built on first use and then shared."""
+    device = resolve_device(config.device)
     encoder_key = ("dinov2", config.encoder_model, config.weights, config.encoder_image_size)
-    encoder = _cached(
+    return _cached(
         (*encoder_key, str(device)),
         lambda: build_dinov2_encoder(
             config.encoder_model, config.weights, config.encoder_image_size, device
         ),
     )
-    return sam, encoder, device
 
 
 def clear_model_cache() -> None:

@@ -21,8 +21,8 @@ from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .masks import CroppedMasks, RLEMasks, masks_from_logits
-from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
-from .models import encoder_identity, load_models
+from .matching import assign_classes, overlap_decay, pooled_features, scores_with_negatives
+from .models import encoder_identity, load_encoder, load_sam2, resolve_device
 from .postprocess import mask_boxes, nms_order
 from .proposals import (
     Proposals,
@@ -53,11 +53,46 @@ def full_resolution_masks(
 class NTTPredictor:
     """Frozen SAM2 + DINOv2 and the method's settings; build once, call per image."""
 
-    def __init__(self, config: NTTConfig | None = None) -> None:
+    def __init__(self, config: NTTConfig | None = None, load: bool = True) -> None:
+        """``load=False`` defers loading each model to its first use: re-scoring cached
+        proposals (``score``) needs neither, encoding references needs only DINOv2."""
         self.config = config or NTTConfig()
-        self.sam_model, self.encoder, self.device = load_models(self.config)
-        self._sam = sam2_predictor(self.sam_model)
         self._grid = point_grid(self.config.points_per_side, self.config.sam_image_size)
+        self._sam_parts: tuple | None = None
+        self._encoder: torch.nn.Module | None = None
+        if load:  # both now, so that a bad checkpoint or device is refused here
+            self._load_sam()
+            self._encoder = load_encoder(self.config)
+
+    @property
+    def models_loaded(self) -> bool:
+        """Whether any model has been loaded (re-scoring cached proposals loads none)."""
+        return self._sam_parts is not None or self._encoder is not None
+
+    @property
+    def sam_model(self) -> torch.nn.Module:
+        return self._load_sam()[0]
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        if self._encoder is None:
+            self._encoder = load_encoder(self.config)
+        return self._encoder
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    @property
+    def _sam(self):
+        """SAM2's image predictor (prompts in, masks out)."""
+        return self._load_sam()[1]
+
+    def _load_sam(self) -> tuple:
+        if self._sam_parts is None:
+            model = load_sam2(self.config)
+            self._sam_parts = (model, sam2_predictor(model))
+        return self._sam_parts
 
     @property
     def points_per_batch(self) -> int:
@@ -78,8 +113,7 @@ class NTTPredictor:
         """Encodes reference instances and aggregates them into class prototypes."""
         if not references:
             raise ReferenceInputError("No reference instances given: tag some references first")
-        with self._autocast():
-            features = encode_references(self.encoder, references, self.config.context_ratio)
+        features = self.encode(references)
         return MemoryBank.from_features(
             features,
             labels=[ref.label for ref in references],
@@ -88,6 +122,11 @@ class NTTPredictor:
             encoder_image_size=self.config.encoder_image_size,
             classes=classes,
         )
+
+    def encode(self, references: Sequence[Reference]) -> torch.Tensor:
+        """(N, C) features of reference instances (positive or negative: encoded alike)."""
+        with self._autocast():
+            return encode_references(self.encoder, references, self.config.context_ratio)
 
     @torch.inference_mode()
     def masks_from_boxes(
@@ -141,8 +180,7 @@ class NTTPredictor:
         bank.check_compatible(self.encoder_identity, config.encoder_image_size)
         if len(proposals) == 0:
             return Instances.empty(proposals.image_size, bank.classes)
-        prototypes = bank.prototypes.to(proposals.features.device)
-        scores, labels = assign_classes(semantic_scores(proposals.features, prototypes))
+        scores, labels = assign_classes(self.class_scores(proposals.features, bank))
         order = nms_order(
             proposals.boxes,
             proposals.pred_iou,
@@ -167,6 +205,17 @@ class NTTPredictor:
             labels=labels[top].cpu().numpy().astype(np.int64),
             class_names=list(bank.classes),
             rles=[json_ready_rle(rle) for rle in returned.rles()],
+        )
+
+    def class_scores(self, features: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
+        """(P, K) semantic scores of proposal features, lowered near the bank's negatives."""
+        device = features.device
+        return scores_with_negatives(
+            features,
+            bank.prototypes.to(device),
+            bank.negatives.to(device),
+            bank.negative_labels.to(device),
+            self.config.negative_sigma,
         )
 
     def compact(self, proposals: Proposals) -> Proposals:

@@ -21,7 +21,9 @@ PRESETS = {
 
 DEFAULTS = {
     "bank_name": "ntt_bank",
+    "accepted_fields": [],
     "ref_tag": "reference",
+    "negative_tag": "negative",
     "tag_type": "label",
     "classes": [],
     "preset": "paper",
@@ -58,13 +60,37 @@ class BuildMemoryBank(foo.Operator):
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Take references from")
+        if not api.detection_fields(ctx.dataset):
+            # A dataset with no labels yet: say how to draw the first references in the App.
+            inputs.view(
+                "no_field",
+                types.Warning(
+                    label="No label field to take references from yet",
+                    description=api.NO_FIELD_ROUTE,
+                ),
+            )
+            return types.Property(inputs, view=types.View(label="Build memory bank"))
         gt_field = forms.detections_field(
             ctx,
             inputs,
             "gt_field",
-            "Ground truth field",
-            "Instances with masks; box-only instances get a mask from SAM2",
+            "Reference field",
+            "Ground truth, or boxes drawn in the App's Annotate tab (SAM2 makes their masks)",
         )
+        others = [f for f in api.detection_fields(ctx.dataset) if f != gt_field]
+        if others:
+            choices = types.AutocompleteView(allow_duplicates=False)
+            for name in others:
+                choices.add_choice(name, label=name)
+            inputs.list(
+                "accepted_fields",
+                types.String(),
+                default=DEFAULTS["accepted_fields"],
+                label="Also take references from",
+                description="E.g. the predictions field: predictions tagged with the reference "
+                "tag join the bank with their predicted mask",
+                view=choices,
+            )
         forms.tag_choice(ctx, inputs, "ref_tag", DEFAULTS["ref_tag"], label="Reference tag")
         tag_types = types.RadioGroup()
         tag_types.add_choice("label", label="Label tag", description="Only the tagged instances")
@@ -77,6 +103,15 @@ class BuildMemoryBank(foo.Operator):
             default=DEFAULTS["tag_type"],
             label="The tag is on",
             view=tag_types,
+        )
+        forms.tag_choice(
+            ctx,
+            inputs,
+            "negative_tag",
+            DEFAULTS["negative_tag"],
+            label="Negative tag",
+            description="Labels with this tag, in any field (false positives tagged in the grid "
+            "or the evaluation patches), teach the bank what a class is not; empty: none",
         )
         forms.classes_choice(ctx, inputs, gt_field, "Leave empty for every class referenced")
         inputs.str(
@@ -104,9 +139,10 @@ class BuildMemoryBank(foo.Operator):
         name = forms.param(ctx, DEFAULTS, "bank_name")
         yield from api.iter_build_memory_bank(
             ctx.target_view(),
-            ctx.params["gt_field"],
+            reference_fields(ctx),
             name,
             ref_tag=forms.param(ctx, DEFAULTS, "ref_tag"),
+            negative_tag=forms.param(ctx, DEFAULTS, "negative_tag") or None,
             tag_type=forms.param(ctx, DEFAULTS, "tag_type"),
             classes=forms.param(ctx, DEFAULTS, "classes") or None,
             config=config_from_params(ctx),
@@ -116,6 +152,16 @@ class BuildMemoryBank(foo.Operator):
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         return bank_outputs()
+
+
+def reference_fields(ctx: foo.ExecutionContext) -> list[str]:
+    """The reference field and the other fields accepted predictions come from, in order."""
+    first = ctx.params["gt_field"]
+    fields = [first] if isinstance(first, str) else list(first)
+    for name in forms.param(ctx, DEFAULTS, "accepted_fields"):
+        if name not in fields:
+            fields.append(name)
+    return fields
 
 
 def model_inputs(inputs: types.Object) -> None:
@@ -163,8 +209,9 @@ def info_summary(info: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": info["name"],
         "encoder": f"{info['encoder']} at {info['encoder_image_size']}px",
-        "gt_field": info["gt_field"],
+        "gt_field": ", ".join(info["ref_fields"]),
         "references": f"{info['num_references']} ({info['masks_from_boxes']} masks from boxes)",
+        "negatives": f"{info['num_negatives']} (tag {info['negative_tag']!r})",
         "quality": info["quality"],
     }
 
@@ -173,12 +220,14 @@ def bank_outputs() -> types.Property:
     outputs = types.Object()
     outputs.str("name", label="Memory bank")
     outputs.str("encoder", label="Encoder")
-    outputs.str("gt_field", label="Ground truth field")
+    outputs.str("gt_field", label="Reference fields")
     outputs.str("references", label="References")
+    outputs.str("negatives", label="Negatives")
     table = types.TableView()
     for key, label in (
         ("class", "Class"),
         ("references", "References"),
+        ("negatives", "Negatives"),
         ("mean_quality", "Mean quality"),
         ("min_quality", "Lowest quality"),
         ("lowest_reference", "Lowest reference (sample:label)"),
@@ -186,6 +235,100 @@ def bank_outputs() -> types.Property:
         table.add_column(key, label=label)
     outputs.list("quality", types.Object(), label="References per class", view=table)
     return types.Property(outputs, view=types.View(label="Memory bank"))
+
+
+class UpdateMemoryBank(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="update_memory_bank",
+            label="Update memory bank",
+            description="Add the newly tagged references and negatives to a bank, drop the "
+            "untagged ones; only what changed is encoded",
+            dynamic=True,
+            execute_as_generator=True,
+            **forms.HEAVY,
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        bank_name = forms.memory_bank(ctx, inputs)
+        if bank_name:
+            sources = api.memory_bank_info(ctx.dataset, bank_name)
+            _accepted_fields_choice(ctx, inputs, sources["ref_fields"])
+            inputs.view(
+                "sources",
+                types.Notice(
+                    label=f"Re-reads labels tagged {sources['ref_tag']!r} in "
+                    f"{', '.join(sources['ref_fields'])} and labels tagged "
+                    f"{sources['negative_tag']!r} in any field, over the whole dataset"
+                ),
+            )
+        return types.Property(inputs, view=types.View(label="Update memory bank"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
+        steps = api.iter_update_memory_bank(
+            ctx.dataset,
+            ctx.params["bank_name"],
+            add_fields=forms.param(ctx, UPDATE_DEFAULTS, "accepted_fields") or None,
+        )
+        return forms.run_with_progress(ctx, _update_rows(steps), update_outputs)
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        return update_outputs()
+
+
+UPDATE_DEFAULTS = {"accepted_fields": None}
+
+
+def _accepted_fields_choice(
+    ctx: foo.ExecutionContext, inputs: types.Object, ref_fields: list[str]
+) -> None:
+    """Fields to accept predictions from; by default the plugin's own prediction fields."""
+    others = [f for f in api.detection_fields(ctx.dataset) if f not in ref_fields]
+    if not others:
+        return
+    predicted = [f for f in api.segmented_fields(ctx.dataset) if f in others]
+    choices = types.AutocompleteView(allow_duplicates=False)
+    for name in others:
+        choices.add_choice(name, label=name)
+    inputs.list(
+        "accepted_fields",
+        types.String(),
+        default=predicted,
+        label="Also take references from",
+        description="Predictions tagged with the reference tag in these fields join the bank "
+        "with their predicted mask (recorded: later updates read them too)",
+        view=choices,
+    )
+
+
+def _update_rows(steps: Iterator) -> Iterator:
+    """The update summary with counts the App can show (the ids stay in the record)."""
+    summary = yield from steps
+    for key in ("added", "removed", "re_encoded", "kept_vanished"):
+        summary[key] = len(summary[key])
+    return summary
+
+
+def update_outputs() -> types.Property:
+    outputs = types.Object()
+    outputs.str("bank_name", label="Memory bank")
+    outputs.int("added", label="Entries added")
+    outputs.int("removed", label="Entries removed (untagged)")
+    outputs.int("re_encoded", label="Entries re-encoded (class changed)")
+    outputs.int("kept_vanished", label="Entries kept whose label is gone")
+    outputs.int("references", label="References")
+    outputs.int("negatives", label="Negatives")
+    outputs.int("encoded", label="Encoded now")
+    outputs.view(
+        "next",
+        types.Notice(
+            label="Run 'Segment with references' with cached proposals and 'Update the field "
+            "in place' to see the effect in seconds"
+        ),
+    )
+    return types.Property(outputs, view=types.View(label="Memory bank updated"))
 
 
 class GetMemoryBankInfo(foo.Operator):

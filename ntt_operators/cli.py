@@ -1,10 +1,11 @@
 """The ``ntt`` command line: the paper's COCO benchmark, and the plugin's steps from a shell.
 
-``ntt reproduce`` runs the whole few-shot COCO protocol; ``sample``, ``build-bank``, ``segment``,
-``evaluate`` and ``banks`` are thin wrappers over ``ntt_operators.api`` for any FiftyOne dataset;
-``app`` opens the FiftyOne App with scheduling enabled. Long steps draw their progress on stderr
-(``terminal.StepProgress``) and end with a readable summary on stdout. Input errors print one line
-to stderr and exit with code 2, like argparse's own usage errors.
+``ntt reproduce`` runs the whole few-shot COCO protocol; ``sample``, ``build-bank``,
+``update-bank``, ``segment``, ``evaluate`` and ``banks`` are thin wrappers over
+``ntt_operators.api`` for any FiftyOne dataset; ``app`` opens the FiftyOne App with scheduling
+enabled. Long steps draw their progress on stderr (``terminal.StepProgress``) and end with a
+readable summary on stdout. Input errors print one line to stderr and exit with code 2, like
+argparse's own usage errors.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce(commands)
     _add_sample(commands)
     _add_build_bank(commands)
+    _add_update_bank(commands)
     _add_segment(commands)
     _add_evaluate(commands)
     _add_banks(commands)
@@ -298,6 +300,11 @@ def _add_sample(commands: Subcommands) -> None:
     p.add_argument("--seed", type=int, default=33)
     p.add_argument("--tag", default="reference")
     p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.add_argument(
+        "--replace-tags",
+        action="store_true",
+        help="also untag labels/samples that carry the tag but were tagged by hand",
+    )
     p.set_defaults(handler=_sample)
 
 
@@ -309,6 +316,7 @@ def _sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         tag=args.tag,
         classes=_classes(args.classes),
+        replace_tags=args.replace_tags,
     )
     for label, ids in picks.items():
         print(f"{label}: {len(ids)} references")
@@ -319,9 +327,19 @@ def _sample(args: argparse.Namespace) -> int:
 def _add_build_bank(commands: Subcommands) -> None:
     p = commands.add_parser("build-bank", help="encode tagged references into a memory bank")
     _add_dataset_flag(p)
-    p.add_argument("--gt-field", required=True)
+    p.add_argument(
+        "--gt-field",
+        required=True,
+        help="reference field(s), comma-separated (e.g. ground_truth,ntt_predictions to accept "
+        "predictions tagged as references)",
+    )
     p.add_argument("--bank", required=True, help="memory bank name")
     p.add_argument("--ref-tag", default="reference")
+    p.add_argument(
+        "--negative-tag",
+        default="negative",
+        help="labels with this tag, in any Detections field, become negatives ('' for none)",
+    )
     p.add_argument("--tag-type", choices=("label", "sample"), default="label")
     p.add_argument("--classes", help="comma-separated class names (default: all tagged)")
     _add_config_flags(p)
@@ -332,19 +350,52 @@ def _build_bank(args: argparse.Namespace) -> int:
     with terminal.StepProgress() as progress:
         bank = _api().build_memory_bank(
             _load_dataset(args.dataset),
-            args.gt_field,
+            _classes(args.gt_field),
             args.bank,
             ref_tag=args.ref_tag,
+            negative_tag=args.negative_tag or None,
             tag_type=args.tag_type,
             classes=_classes(args.classes),
             config=config_from_args(args),
             progress=progress,
         )
     per_class = ", ".join(f"{name} {n}" for name, n in bank.references_per_class.items())
+    negatives = (
+        f", {terminal.plural(len(bank.negative_ids), 'negative')}" if bank.negative_ids else ""
+    )
     print(
         f"Built memory bank {args.bank!r} in {terminal.format_duration(progress.elapsed())}: "
         f"{terminal.plural(len(bank), 'reference')} of {len(bank.classes)} "
-        f"{'class' if len(bank.classes) == 1 else 'classes'} ({per_class})."
+        f"{'class' if len(bank.classes) == 1 else 'classes'} ({per_class}){negatives}."
+    )
+    return 0
+
+
+def _add_update_bank(commands: Subcommands) -> None:
+    p = commands.add_parser(
+        "update-bank",
+        help="add newly tagged references/negatives to a bank, drop untagged ones",
+        description="Re-reads the fields and tags the bank was built from, over the whole "
+        "dataset, and encodes only the labels that are new to it.",
+    )
+    _add_dataset_flag(p)
+    p.add_argument("--bank", required=True, help="memory bank name")
+    p.set_defaults(handler=_update_bank)
+
+
+def _update_bank(args: argparse.Namespace) -> int:
+    with terminal.StepProgress() as progress:
+        summary = _api().update_memory_bank(
+            _load_dataset(args.dataset), args.bank, progress=progress
+        )
+    changes = ", ".join(
+        f"{len(summary[key])} {key.replace('_', ' ')}"
+        for key in ("added", "removed", "re_encoded", "kept_vanished")
+    )
+    print(
+        f"Updated memory bank {args.bank!r} in {terminal.format_duration(progress.elapsed())}: "
+        f"{changes}; now {terminal.plural(summary['references'], 'reference')} and "
+        f"{terminal.plural(summary['negatives'], 'negative')}."
     )
     return 0
 
@@ -357,6 +408,16 @@ def _add_segment(commands: Subcommands) -> None:
     p.add_argument("--ref-tag", default="reference", help="samples with this tag are skipped")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-done", action="store_true")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="update this plugin's existing field in place (keeps prediction ids and tags)",
+    )
+    p.add_argument(
+        "--reuse-proposals",
+        action="store_true",
+        help="cache SAM2 proposals per image and re-score them with later banks",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     _add_config_flags(p)
     _add_backend_flags(p)
@@ -375,6 +436,8 @@ def _segment(args: argparse.Namespace) -> int:
             exclude_tag=args.ref_tag,
             overwrite=args.overwrite,
             skip_done=args.skip_done,
+            rescore=args.rescore,
+            reuse_proposals=args.reuse_proposals,
             config=config_from_args(args, recorded),
             batch_size=args.batch_size,
             progress=progress,
@@ -400,6 +463,16 @@ def segmentation_summary(summary: Mapping, seconds: float) -> str:
     lines = [f"{line}: {terminal.plural(summary['instances'], 'instance')}."]
     if summary["skipped"]:
         lines.append(f"Skipped {terminal.plural(summary['skipped'], 'sample')} already done.")
+    if summary.get("unchanged"):
+        lines.append(
+            f"Re-scored in place: {terminal.plural(summary['written'], 'sample')} changed and "
+            f"written, {summary['unchanged']} unchanged."
+        )
+    if summary.get("deleted_evaluations"):
+        lines.append(
+            "Deleted the evaluations of the old predictions: "
+            + ", ".join(summary["deleted_evaluations"])
+        )
     if failed:
         verb = "was" if len(failed) == 1 else "were"
         lines.append(f"{terminal.plural(len(failed), 'sample')} failed and {verb} left empty:")
@@ -432,6 +505,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         classes=classes,
     )
     print(f"mAP: {results.mAP(classes=classes):.3f}")
+    note = _api().class_report(results).get("note")
+    if note:
+        print(note)
     return 0
 
 

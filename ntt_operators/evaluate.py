@@ -79,7 +79,9 @@ class EvaluateSegmentations(foo.Operator):
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         outputs = types.Object()
         outputs.str("eval_key", label="Evaluation key")
-        outputs.float("mAP", label="mAP (masks, IoU 0.50:0.95)")
+        outputs.float("mAP", label="mAP (IoU 0.50:0.95)")
+        outputs.str("iou_on", label="Instances matched on")
+        outputs.str("note", label="Note")
         table = types.TableView()
         for key, label in (
             ("class", "Class"),

@@ -6,11 +6,13 @@ works in pixels with full-resolution masks. Every conversion between the two liv
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fiftyone as fo
 import numpy as np
+from bson import ObjectId
 from pycocotools import mask as mask_utils
 
 from ntt_core import Instances
@@ -45,7 +47,14 @@ class GroundTruthInstance:
                 "with or without a mask. Fix the label or untag it"
             )
         x, y, w, h = box
-        return (x * self.width, y * self.height, w * self.width, h * self.height)
+        pixels = (x * self.width, y * self.height, w * self.width, h * self.height)
+        if pixels[2] < 1 or pixels[3] < 1:
+            raise ReferenceInputError(
+                f"Reference label {self.detection.id} ({self.detection.label!r}) of sample "
+                f"{self.sample_id} is {pixels[2]:.2g} x {pixels[3]:.2g} px, less than a pixel: "
+                "too small to see at the encoder's resolution. Draw a larger box or untag it"
+            )
+        return pixels
 
     def box_xyxy(self) -> tuple[float, float, float, float]:
         x, y, w, h = self.box_xywh()
@@ -135,19 +144,44 @@ def annotations(
     return anns, sizes
 
 
-def instance_to_detection(rle: dict, label: str, confidence: float) -> fo.Detection:
+def instance_to_detection(
+    rle: dict, label: str, confidence: float, label_id: ObjectId | None = None
+) -> fo.Detection:
     """One predicted instance; the full-resolution mask is decoded only for this instance."""
     mask = mask_utils.decode(rle).astype(bool)
-    return fo.Detection.from_mask(mask, label=label, confidence=confidence)
+    detection = fo.Detection.from_mask(mask, label=label, confidence=confidence)
+    if label_id is not None:
+        detection._id = label_id
+    return detection
 
 
-def instances_to_detections(instances: Instances) -> fo.Detections:
-    """An engine result as FiftyOne detections: tight boxes, box-cropped masks, confidences."""
+def instances_to_detections(instances: Instances, seed: str | None = None) -> fo.Detections:
+    """An engine result as FiftyOne detections: tight boxes, box-cropped masks, confidences.
+
+    With a ``seed`` (field and sample), each detection's id is derived from it and the mask, so
+    the same proposal keeps its id, and with it its tags, when a sample is scored again.
+    """
+    ids = prediction_ids(seed, instances.rles) if seed is not None else [None] * len(instances)
     detections = [
-        instance_to_detection(rle, name, float(score))
-        for rle, name, score in zip(instances.rles, instances.label_names, instances.scores)
+        instance_to_detection(rle, name, float(score), label_id)
+        for rle, name, score, label_id in zip(
+            instances.rles, instances.label_names, instances.scores, ids
+        )
     ]
     return fo.Detections(detections=detections)
+
+
+def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
+    """Stable label ids: a hash of the seed and each mask's RLE (twins get their rank too)."""
+    ids, seen = [], set()
+    for rle in rles:
+        counts = rle["counts"] if isinstance(rle["counts"], str) else rle["counts"].decode()
+        text = f"{seed}:{rle['size']}:{counts}"
+        while text in seen:
+            text += "+"
+        seen.add(text)
+        ids.append(ObjectId(hashlib.sha256(text.encode()).digest()[:12]))
+    return ids
 
 
 class FieldWriter:

@@ -14,6 +14,7 @@ DEFAULTS = {
     "classes": [],
     "tag_samples": True,
     "tag_labels": True,
+    "replace_tags": False,
 }
 
 
@@ -53,6 +54,13 @@ class SampleReferences(foo.Operator):
         forms.classes_choice(ctx, inputs, gt_field, "Leave empty for every class")
         inputs.bool("tag_samples", default=DEFAULTS["tag_samples"], label="Tag the samples")
         inputs.bool("tag_labels", default=DEFAULTS["tag_labels"], label="Tag the instances")
+        inputs.bool(
+            "replace_tags",
+            default=DEFAULTS["replace_tags"],
+            label="Replace tags placed by hand",
+            description="Off: refuse when the tag is already on labels or samples that "
+            "Sample references did not tag",
+        )
         return types.Property(inputs, view=types.View(label="Sample references"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
@@ -65,6 +73,7 @@ class SampleReferences(foo.Operator):
             classes=forms.param(ctx, DEFAULTS, "classes") or None,
             tag_samples=forms.param(ctx, DEFAULTS, "tag_samples"),
             tag_labels=forms.param(ctx, DEFAULTS, "tag_labels"),
+            replace_tags=forms.param(ctx, DEFAULTS, "replace_tags"),
         )
         if not ctx.delegated:
             ctx.ops.reload_dataset()

@@ -19,6 +19,7 @@ DEFAULTS = {
     "overwrite": False,
     "skip_done": False,
     "reuse_proposals": False,
+    "rescore": False,
     "batch_size": 16,
     "device": "",
     "backend": "local",
@@ -70,6 +71,14 @@ class SegmentWithReferences(foo.Operator):
             "overwrite",
             default=DEFAULTS["overwrite"],
             label="Replace the field if it exists",
+        )
+        inputs.bool(
+            "rescore",
+            default=DEFAULTS["rescore"],
+            label="Update the field in place (keeps your tags)",
+            description="Re-score the targets into this plugin's existing field: predictions "
+            "that persist keep their id and tags (e.g. 'negative'), only changed samples are "
+            "written, references are left alone",
         )
         inputs.bool(
             "reuse_proposals",
@@ -124,6 +133,7 @@ class SegmentWithReferences(foo.Operator):
             num_actors=forms.param(ctx, DEFAULTS, "num_actors"),
             gpus_per_actor=forms.param(ctx, DEFAULTS, "gpus_per_actor"),
             reuse_proposals=forms.param(ctx, DEFAULTS, "reuse_proposals"),
+            rescore=forms.param(ctx, DEFAULTS, "rescore"),
         )
         return forms.run_with_progress(ctx, _with_failure_rows(steps), segment_outputs)
 
@@ -181,14 +191,16 @@ def _warn_about_output_field(
 ) -> None:
     """Says in the form what execution would refuse, before the user runs it."""
     field = forms.param(ctx, DEFAULTS, "label_field")
-    overwrite = forms.param(ctx, DEFAULTS, "overwrite")
-    skip_done = forms.param(ctx, DEFAULTS, "skip_done")
+    modes = [forms.param(ctx, DEFAULTS, k) for k in ("overwrite", "skip_done", "rescore")]
     if field == gt_field:
         message = f"'{field}' is the bank's ground truth: it is never written, pick a new name"
-    elif ctx.dataset.has_sample_field(field) and not (overwrite or skip_done):
-        message = f"'{field}' exists: replace it, skip the samples already done, or rename"
-    elif overwrite and skip_done:
-        message = "Replace the field or skip the samples already done, not both"
+    elif ctx.dataset.has_sample_field(field) and not any(modes):
+        message = (
+            f"'{field}' exists: update it in place, replace it, skip the samples already done, "
+            "or rename"
+        )
+    elif sum(modes) > 1:
+        message = "Choose one of: update in place, replace, skip the samples already done"
     else:
         return
     inputs.view("field_warning", types.Warning(label=message))
@@ -200,6 +212,7 @@ def _with_failure_rows(steps: Iterator) -> Iterator:
     failures = summary.pop("failed")
     summary["failed"] = len(failures)
     summary["failures"] = [{"sample_id": k, "error": v} for k, v in failures.items()]
+    summary["deleted_evaluations"] = ", ".join(summary["deleted_evaluations"]) or "none"
     return summary
 
 
@@ -208,9 +221,11 @@ def segment_outputs() -> types.Property:
     outputs.str("label_field", label="Output field")
     outputs.str("bank_name", label="Memory bank")
     outputs.int("processed", label="Samples segmented")
+    outputs.int("written", label="Samples written (predictions changed)")
     outputs.int("skipped", label="Samples skipped (already done)")
     outputs.int("instances", label="Instances predicted")
     outputs.int("failed", label="Samples failed")
+    outputs.str("deleted_evaluations", label="Evaluations deleted (made on the old field)")
     table = types.TableView()
     table.add_column("sample_id", label="Sample")
     table.add_column("error", label="Error")

@@ -1,11 +1,13 @@
 """Memory bank: aggregation, file round-trip, and the refusals that keep a bad bank out."""
 
+import json
 import pickle
 
 import pytest
 import torch
+from safetensors.torch import save as save_tensors
 
-from ntt_core.bank import MemoryBank
+from ntt_core.bank import MemoryBank, Negatives
 from ntt_core.errors import BankError, BankMismatchError, ReferenceInputError
 
 
@@ -85,7 +87,7 @@ def test_tampered_prototypes_are_refused():
 
 
 def test_future_version_is_refused():
-    blob = _bank().to_bytes().replace(b'\\"version\\": 1', b'\\"version\\": 9')
+    blob = _bank().to_bytes().replace(b'\\"version\\": 2', b'\\"version\\": 9')
     with pytest.raises(BankError, match="version 9"):
         MemoryBank.from_bytes(blob)
 
@@ -97,3 +99,51 @@ def test_bank_from_another_encoder_is_refused():
         bank.check_compatible("dinov2_vitl14", 224)
     with pytest.raises(BankMismatchError, match="518"):
         bank.check_compatible("dinov2_vits14", 518)
+
+
+def _negatives() -> Negatives:
+    return Negatives(
+        features=torch.tensor([[0.0, 2.0], [6.0, 8.0]]),
+        labels=["cat", "horse"],  # no horse in the bank: nothing to lower, left out
+        ids=["s4:n", "s5:m"],
+        added=["2026-11-29T10:00:00+00:00", None],
+    )
+
+
+def test_negatives_round_trip_with_their_ids_and_timestamps():
+    bank = _bank(negatives=_negatives(), ref_added=["t1", "t2", "t3"])
+    again = MemoryBank.from_bytes(bank.to_bytes())
+    assert again.negative_ids == ["s4:n"] and again.negative_labels.tolist() == [0]
+    assert again.negative_added == ["2026-11-29T10:00:00+00:00"]
+    assert again.ref_added == ["t1", "t2", "t3"]
+    assert torch.equal(again.negative_features, torch.tensor([[0.0, 2.0]]))
+    assert torch.equal(again.negatives, torch.tensor([[0.0, 1.0]]))  # normalised for scoring
+    assert again.negatives_per_class == {"cat": 1, "dog": 0}
+    # Negatives never move the prototypes.
+    assert torch.equal(again.prototypes, _bank().prototypes)
+
+
+def test_a_version_1_bank_still_loads():
+    """Banks written before negatives existed (datasets in the field hold them)."""
+    features = torch.tensor([[3.0, 4.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 1])
+    prototypes = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    header = {
+        "format": "ntt-memory-bank",
+        "version": 1,
+        "encoder": "dinov2_vits14",
+        "encoder_image_size": 224,
+        "classes": ["cat", "dog"],
+        "ref_ids": ["s1:a", "s3:c"],
+    }
+    blob = save_tensors(
+        {"features": features, "labels": labels, "prototypes": prototypes},
+        metadata={"ntt_bank": json.dumps(header)},
+    )
+    bank = MemoryBank.from_bytes(blob)
+    assert bank.ref_ids == ["s1:a", "s3:c"] and bank.ref_added == [None, None]
+    assert bank.negative_features.shape == (0, 2) and bank.negative_ids == []
+    assert torch.allclose(bank.prototypes, prototypes)
+    # Saved again, it is a version-2 bank with the same content.
+    assert b'\\"version\\": 2' in bank.to_bytes()
+    assert torch.equal(MemoryBank.from_bytes(bank.to_bytes()).features, features)

@@ -14,6 +14,7 @@ from ntt_core.matching import (
     assign_classes,
     overlap_decay,
     pooled_features,
+    scores_with_negatives,
     semantic_scores,
     upsampling_matrix,
 )
@@ -72,6 +73,41 @@ def test_semantic_scores_clip_negative_similarity():
     best, labels = assign_classes(scores)
     assert best.tolist() == pytest.approx([1.0, 0.8, 0.0])
     assert labels.tolist()[:2] == [0, 1]
+
+
+def test_negatives_lower_a_class_score_by_hand():
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    negatives = torch.tensor([[0.6, 0.8], [0.8, 0.6]])  # both of class 0; class 1 has none
+    features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.75, math.sqrt(1 - 0.75**2)]])
+    scores = scores_with_negatives(features, protos, negatives, torch.tensor([0, 0]), 0.8)
+    # [1, 0]: pos_0 = 1 beats its closest negative (0.8): no decay.
+    # [0.6, 0.8]: pos_0 = 0.6, neg_0 = max(1.0, 0.96) = 1.0 -> 0.6 * exp(-0.4 / 0.8).
+    # [0.75, 0.661]: pos_0 = 0.75, neg_0 = max(0.979, 1.0) = 1.0 (f · [0.8, 0.6])
+    #                -> 0.75 * exp(-(1.0 - 0.75) / 0.8) = 0.548 < pos_1 = 0.661: class 1 wins.
+    third = 0.75 * 0.8 + math.sqrt(1 - 0.75**2) * 0.6
+    expected = [
+        [1.0, 0.0],
+        [0.6 * math.exp(-0.4 / 0.8), 0.8],
+        [0.75 * math.exp(-(third - 0.75) / 0.8), math.sqrt(1 - 0.75**2)],
+    ]
+    assert scores.tolist() == [pytest.approx(row, abs=1e-6) for row in expected]
+    assert assign_classes(scores)[1].tolist() == [0, 1, 1]
+    assert assign_classes(semantic_scores(features, protos))[1].tolist() == [0, 1, 0]
+
+
+def test_without_negatives_scores_are_bit_identical():
+    features = F.normalize(torch.randn(50, 16), dim=1)
+    protos = F.normalize(torch.randn(3, 16), dim=1)
+    plain = semantic_scores(features, protos)
+    none = torch.zeros(0, 16)
+    assert torch.equal(
+        scores_with_negatives(features, protos, none, torch.zeros(0, dtype=torch.int64), 0.8),
+        plain,
+    )
+    # A negative of class 2 leaves classes 0 and 1 exactly as they were.
+    negative = F.normalize(torch.randn(1, 16), dim=1)
+    lowered = scores_with_negatives(features, protos, negative, torch.tensor([2]), 0.8)
+    assert torch.equal(lowered[:, :2], plain[:, :2])
 
 
 def test_upsampling_matrix_matches_interpolate():

@@ -3,7 +3,9 @@
 One module per step of the curator's flow:
 
 1. ``references``: ``sample_references`` tags N references per class, the paper's few-shot way.
-2. ``bank``: ``build_memory_bank`` encodes the tagged references; the bank is a custom run.
+2. ``bank``: ``build_memory_bank`` encodes the tagged references (and the labels tagged
+   ``negative``); the bank is a custom run. ``update_memory_bank`` brings it up to date with the
+   tags, encoding only what changed.
 3. ``segment``: ``segment`` predicts instance masks for target samples into a new field.
 4. ``evaluate``: ``evaluate`` runs COCO-style mask evaluation with per-sample TP/FP/FN.
 
@@ -13,12 +15,15 @@ return the result, so the App can stream a progress bar without threads.
 """
 
 from .bank import (
+    NO_FIELD_ROUTE,
     build_memory_bank,
     delete_memory_bank,
     iter_build_memory_bank,
+    iter_update_memory_bank,
     load_memory_bank,
     memory_bank_config,
     memory_bank_info,
+    update_memory_bank,
 )
 from .common import (
     BANK_METHOD,
@@ -28,7 +33,7 @@ from .common import (
     drive_steps,
     list_memory_banks,
 )
-from .evaluate import class_report, evaluate
+from .evaluate import class_report, evaluate, fields_without_masks
 from .references import reference_view, sample_references
 from .segment import (
     iter_segment,
@@ -40,6 +45,7 @@ from .segment import (
 
 __all__ = [
     "BANK_METHOD",
+    "NO_FIELD_ROUTE",
     "SEGMENT_METHOD",
     "PluginInputError",
     "build_memory_bank",
@@ -48,8 +54,10 @@ __all__ = [
     "detection_fields",
     "drive_steps",
     "evaluate",
+    "fields_without_masks",
     "iter_build_memory_bank",
     "iter_segment",
+    "iter_update_memory_bank",
     "list_memory_banks",
     "load_memory_bank",
     "memory_bank_config",
@@ -60,4 +68,5 @@ __all__ = [
     "segment_run_key",
     "segment_status",
     "segmented_fields",
+    "update_memory_bank",
 ]

@@ -1,35 +1,51 @@
-"""Step 2, the memory bank: encode tagged references, stored as a custom run of the dataset."""
+"""Step 2, the memory bank: encode tagged references, stored as a custom run of the dataset.
+
+A bank holds positive references (labels tagged ``reference`` in its reference fields: ground
+truth, boxes drawn in the App, accepted predictions) and negative ones (labels tagged ``negative``
+in any ``fo.Detections`` field). It records where they come from, so ``update_memory_bank`` can
+re-read the tags and encode only what changed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import fiftyone as fo
 import numpy as np
+import torch
+from bson import ObjectId
 
-from ntt_core import MemoryBank, NTTConfig, NTTPredictor, Reference
+from ntt_core import MemoryBank, Negatives, NTTConfig, NTTPredictor, Reference
 from ntt_core.errors import BankError, BankMismatchError, ReferenceInputError
+from ntt_core.models import encoder_identity
 
-from ..labels import ensure_metadata, iter_instances
+from ..labels import GroundTruthInstance, ensure_metadata, iter_instances
 from .common import (
     BANK_METHOD,
     Collection,
+    PluginInputError,
     Progress,
     Steps,
+    detection_fields,
     drive_steps,
     require_bank,
     require_detections_field,
     require_free_run_key,
     require_run_key,
+    require_tag,
     root_dataset,
 )
 from .references import reference_view
 
+FieldOrFields = str | list[str]
+
 
 def build_memory_bank(
     dataset_or_view: Collection,
-    gt_field: str,
+    gt_field: FieldOrFields,
     bank_name: str,
     ref_tag: str = "reference",
     tag_type: Literal["sample", "label"] = "label",
@@ -37,107 +53,382 @@ def build_memory_bank(
     config: NTTConfig | None = None,
     progress: Progress | None = None,
     overwrite: bool = False,
+    negative_tag: str | None = "negative",
     full_masks: Mapping[str, np.ndarray] | None = None,
 ) -> MemoryBank:
     """Encodes the tagged references of ``gt_field`` and stores the bank as run ``bank_name``.
 
-    ``tag_type="sample"``: every instance of the samples tagged ``ref_tag``;
-    ``"label"``: only the instances tagged ``ref_tag``. Instances without a mask get SAM2's mask
-    for their box. ``config`` defaults to the paper's (``NTTConfig()``). ``full_masks``
-    (full-resolution bool masks by label id) replace the labels' own box-cropped masks: the
-    COCO protocol passes pycocotools' ``annToMask``, which may reach outside the rounded box
-    that FiftyOne crops to.
+    ``gt_field`` is one ``fo.Detections`` field or a list of them (e.g. ``["ground_truth",
+    "ntt_predictions"]``: predictions tagged ``ref_tag`` are accepted as references, their
+    predicted mask used as is). ``tag_type="sample"``: every instance of the samples tagged
+    ``ref_tag``; ``"label"``: only the instances tagged ``ref_tag``. Instances without a mask
+    (boxes drawn in the App) get SAM2's mask for their box. Labels tagged ``negative_tag`` in any
+    ``fo.Detections`` field become negative references of their class (None: no negatives).
+    ``config`` defaults to the paper's (``NTTConfig()``). ``full_masks`` (full-resolution bool
+    masks by label id) replace the labels' own box-cropped masks: the COCO protocol passes
+    pycocotools' ``annToMask``, which may reach outside the rounded box FiftyOne crops to.
     """
     return drive_steps(
         iter_build_memory_bank(
-            dataset_or_view,
-            gt_field,
-            bank_name,
-            ref_tag,
-            tag_type,
-            classes,
-            config,
-            overwrite,
-            full_masks,
+            dataset_or_view, gt_field, bank_name, ref_tag, tag_type, classes, config, overwrite,
+            negative_tag, full_masks,
         ),
         progress,
-    )
+    )  # fmt: skip
 
 
 def iter_build_memory_bank(
     dataset_or_view: Collection,
-    gt_field: str,
+    gt_field: FieldOrFields,
     bank_name: str,
     ref_tag: str = "reference",
     tag_type: Literal["sample", "label"] = "label",
     classes: list[str] | None = None,
     config: NTTConfig | None = None,
     overwrite: bool = False,
+    negative_tag: str | None = "negative",
     full_masks: Mapping[str, np.ndarray] | None = None,
 ) -> Steps:
     """``build_memory_bank`` as progress steps; returns the bank."""
     dataset = root_dataset(dataset_or_view)
-    require_detections_field(dataset_or_view, gt_field)
+    sources = BankSources(
+        ref_fields=_field_list(gt_field),
+        ref_tag=ref_tag,
+        tag_type=tag_type,
+        negative_tag=negative_tag or None,
+        classes=list(classes) if classes else None,
+    )
+    sources.check(dataset_or_view)
     require_run_key(bank_name, "Bank name")
     require_free_run_key(dataset, bank_name, BANK_METHOD, overwrite, "memory bank")
-    refs_view = reference_view(dataset_or_view, gt_field, ref_tag, tag_type)
-    ensure_metadata(refs_view)
-    instances = list(iter_instances(refs_view, gt_field))
-    if not instances:
-        raise ReferenceInputError(
-            f"No reference found: no {'sample' if tag_type == 'sample' else gt_field + ' label'} "
-            f"is tagged {ref_tag!r} (tag_type={tag_type!r}). Tag references first, e.g. with "
-            "'Sample references', or pick the tag type you used"
+    config = config or NTTConfig()
+    wanted = collect_entries(dataset_or_view, sources)
+    bank, encoded, box_only = yield from _assemble(
+        wanted, sources, config, previous=None, full_masks=full_masks
+    )
+    _store(dataset, bank_name, bank, sources, config, box_only, overwrite)
+    yield 1.0, f"Memory bank {bank_name!r}: {_describe(bank)}"
+    return bank
+
+
+def update_memory_bank(
+    dataset: fo.Dataset,
+    bank_name: str,
+    add_fields: list[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Brings a bank up to date with its sources' tags, encoding only what changed.
+
+    Re-reads the fields and tags recorded at build time over the whole dataset: labels newly
+    tagged as references or negatives are encoded and added, entries whose label lost its tag
+    (or changed class) are dropped, the others keep their features and their date. An entry whose
+    label no longer exists (re-scoring dropped that prediction, say) is kept, so a correction is
+    never lost silently; rebuild the bank to drop such entries. The result equals a rebuild from
+    scratch over the same labels. ``add_fields`` adds reference fields from now on (e.g. the
+    predictions field, to accept predictions tagged as references). Returns what was added,
+    removed and kept.
+    """
+    return drive_steps(iter_update_memory_bank(dataset, bank_name, add_fields), progress)
+
+
+def iter_update_memory_bank(
+    dataset: fo.Dataset, bank_name: str, add_fields: list[str] | None = None
+) -> Steps:
+    """``update_memory_bank`` as progress steps; returns the summary."""
+    dataset = root_dataset(dataset)
+    previous = load_memory_bank(dataset, bank_name)
+    recorded = memory_bank_config(dataset, bank_name)
+    sources = BankSources.from_record(recorded)
+    sources.ref_fields += [f for f in add_fields or [] if f not in sources.ref_fields]
+    sources.check(dataset)
+    config = NTTConfig.from_dict(recorded["ntt_config"])
+    wanted = collect_entries(dataset, sources)
+    wanted = wanted + _vanished_entries(dataset, previous, wanted)
+    bank, encoded, box_only = yield from _assemble(wanted, sources, config, previous)
+    _store(dataset, bank_name, bank, sources, config, box_only, overwrite=True)
+    before = set(previous.ref_ids) | set(previous.negative_ids)
+    after = set(bank.ref_ids) | set(bank.negative_ids)
+    summary = {
+        "bank_name": bank_name,
+        "added": sorted(after - before),
+        "removed": sorted(before - after),
+        "re_encoded": sorted(encoded & before & after),
+        "kept_vanished": sorted(e.ref_id for e in wanted if e.vanished),
+        "references": len(bank.ref_ids),
+        "negatives": len(bank.negative_ids),
+        "encoded": len(encoded),
+    }
+    yield 1.0, f"Memory bank {bank_name!r} updated: {_describe(bank)}"
+    return summary
+
+
+@dataclass
+class BankSources:
+    """Where a bank's entries come from: recorded with the bank, re-read by an update."""
+
+    ref_fields: list[str]
+    ref_tag: str
+    tag_type: str
+    negative_tag: str | None
+    classes: list[str] | None
+    """The classes asked for at build time (None: every class referenced)."""
+
+    @classmethod
+    def from_record(cls, recorded: dict[str, Any]) -> BankSources:
+        # Banks built before negatives existed recorded one gt_field and no negative tag.
+        return cls(
+            ref_fields=list(recorded.get("ref_fields") or [recorded["gt_field"]]),
+            ref_tag=recorded["ref_tag"],
+            tag_type=recorded["tag_type"],
+            negative_tag=recorded.get("negative_tag", "negative"),
+            classes=recorded.get("requested_classes"),
         )
-    present = sorted({i.detection.label for i in instances})
-    classes = list(classes) if classes else present
+
+    def check(self, collection: Collection) -> None:
+        if not self.ref_fields or not detection_fields(collection):
+            raise PluginInputError(NO_FIELD_ROUTE)
+        for field_name in self.ref_fields:
+            require_detections_field(collection, field_name)
+        require_tag(self.ref_tag)
+        if self.tag_type not in ("sample", "label"):
+            raise PluginInputError(f"tag_type must be 'sample' or 'label', got {self.tag_type!r}")
+        if self.negative_tag == self.ref_tag:
+            raise PluginInputError(
+                f"The negative tag and the reference tag are both {self.ref_tag!r}; "
+                "use two different tags"
+            )
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "gt_field": self.ref_fields[0],
+            "ref_fields": self.ref_fields,
+            "ref_tag": self.ref_tag,
+            "tag_type": self.tag_type,
+            "negative_tag": self.negative_tag,
+            "requested_classes": self.classes,
+        }
+
+
+@dataclass
+class Entry:
+    """A label the bank holds or will hold: a positive reference or a negative one."""
+
+    instance: GroundTruthInstance | None
+    negative: bool
+    ref_id: str
+    label: str
+    vanished: bool = False
+    """The label no longer exists; the entry is kept from the previous bank as it was."""
+
+
+NO_FIELD_ROUTE = (
+    "This dataset has no fo.Detections field to take references from. Draw some in the App: "
+    "open a sample, Annotate tab -> Add schema -> New field (Label, Detections, your classes) "
+    "-> draw boxes -> tag them 'reference' (Edit form, or Explore) -> Build memory bank"
+)
+
+
+def _field_list(fields: FieldOrFields) -> list[str]:
+    return [fields] if isinstance(fields, str) else list(fields)
+
+
+def collect_entries(collection: Collection, sources: BankSources) -> list[Entry]:
+    """The positive and negative references the sources designate now, in a stable order."""
+    ensure_metadata(collection)
+    negatives = []
+    if sources.negative_tag:
+        for field_name in detection_fields(collection):
+            tagged = collection.select_labels(tags=sources.negative_tag, fields=field_name)
+            negatives += [_entry(i, True) for i in iter_instances(tagged, field_name)]
+    negative_ids = {e.ref_id for e in negatives}
+    positives = []
+    for field_name in sources.ref_fields:
+        refs_view = reference_view(collection, field_name, sources.ref_tag, sources.tag_type)
+        for instance in iter_instances(refs_view, field_name):
+            if instance.ref_id not in negative_ids:
+                positives.append(_entry(instance, False))
+            elif sources.ref_tag in instance.detection.tags:
+                raise PluginInputError(
+                    f"Label {instance.label_id} of sample {instance.sample_id} is tagged both "
+                    f"{sources.ref_tag!r} and {sources.negative_tag!r}; remove one of the tags"
+                )
+    if not positives:
+        what = "sample" if sources.tag_type == "sample" else f"label of {sources.ref_fields}"
+        raise ReferenceInputError(
+            f"No reference found: no {what} is tagged {sources.ref_tag!r} "
+            f"(tag_type={sources.tag_type!r}). Tag references first (in the App, or with "
+            "'Sample references'), or pick the tag type you used"
+        )
+    return positives + negatives
+
+
+def _entry(instance: GroundTruthInstance, negative: bool) -> Entry:
+    label = instance.detection.label
+    if not label or not str(label).strip():
+        role = "negative" if negative else "reference"
+        raise ReferenceInputError(
+            f"The {role} label {instance.label_id} of sample {instance.sample_id} has no class "
+            "(its label is empty): give it a class or untag it"
+        )
+    instance.box_xywh()  # refuses a missing or sub-pixel box now, with the label's id
+    return Entry(instance, negative, instance.ref_id, str(label))
+
+
+def _vanished_entries(
+    dataset: fo.Dataset, previous: MemoryBank, wanted: list[Entry]
+) -> list[Entry]:
+    """Entries of ``previous`` whose label is gone from every field (kept, see the update)."""
+    present = {e.ref_id for e in wanted}
+    held = [(ref_id, False, k) for k, ref_id in enumerate(previous.ref_ids)]
+    held += [(ref_id, True, k) for k, ref_id in enumerate(previous.negative_ids)]
+    candidates = [(ref_id, neg, k) for ref_id, neg, k in held if ref_id not in present]
+    if not candidates:
+        return []
+    existing = _existing_label_ids(dataset, {ref_id.split(":")[0] for ref_id, _, _ in candidates})
+    vanished = []
+    for ref_id, negative, k in candidates:
+        if ref_id.split(":")[-1] in existing:
+            continue  # the label is still there, untagged: the curator removed it
+        labels = previous.negative_labels if negative else previous.labels
+        label = previous.classes[int(labels[k])]
+        vanished.append(Entry(None, negative, ref_id, label, vanished=True))
+    return vanished
+
+
+def _existing_label_ids(dataset: fo.Dataset, sample_ids: set[str]) -> set[str]:
+    samples = dataset.select(sorted(s for s in sample_ids if ObjectId.is_valid(s)))
+    ids: set[str] = set()
+    for field_name in detection_fields(dataset):
+        ids.update(i for i in samples.values(f"{field_name}.detections.id", unwind=True) if i)
+    return ids
+
+
+def _assemble(
+    wanted: list[Entry],
+    sources: BankSources,
+    config: NTTConfig,
+    previous: MemoryBank | None,
+    full_masks: Mapping[str, np.ndarray] | None = None,
+) -> Steps:
+    """The bank of ``wanted``: features from ``previous`` where it holds the same entry, else
+    encoded now (models load only then). Returns (bank, ids encoded now, how many entries are
+    box-only labels, whose masks SAM2 made)."""
+    present = sorted({e.label for e in wanted if not e.negative})
+    classes = sources.classes or present
     missing = [c for c in classes if c not in present]
     if missing:
         raise ReferenceInputError(
-            f"Class(es) {missing} have no reference tagged {ref_tag!r} in {gt_field!r}; "
-            f"tag at least one instance of each, or leave them out (tagged: {present})"
+            f"Class(es) {missing} have no reference tagged {sources.ref_tag!r} in "
+            f"{sources.ref_fields}; tag at least one instance of each, or leave them out "
+            f"(tagged: {present})"
         )
-    instances = [i for i in instances if i.detection.label in classes]
-    config = config or NTTConfig()
+    wanted = [e for e in wanted if e.label in classes]
+    known = _known_features(previous)
+    todo = [e for e in wanted if (e.ref_id, e.negative, e.label) not in known]
+    yield 0.0, f"Encoding {len(todo)} new reference(s)" if todo else "Nothing new to encode"
+    fresh: dict[tuple, tuple] = {}
+    if todo:
+        # A build checks every checkpoint now (segmentation will use them); an update, whose
+        # config was checked at build time, loads SAM2 only for box-only labels.
+        predictor = NTTPredictor(config, load=previous is None)
+        box_masks = _masks_from_boxes(predictor, [e.instance for e in todo])
+        given = full_masks or {}
+        references = [
+            _reference(e.instance, given.get(e.instance.label_id, box_masks.get(k)), e.label)
+            for k, e in enumerate(todo)
+        ]
+        yield 0.5, f"Encoding {len(references)} reference(s)"
+        features = predictor.encode(references)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for k, e in enumerate(todo):
+            fresh[(e.ref_id, e.negative, e.label)] = (features[k], now)
+    rows = {**known, **fresh}
+    positives = [e for e in wanted if not e.negative]
+    negatives = [e for e in wanted if e.negative]
+    channels = next(iter(rows.values()))[0].shape[-1]
+    bank = MemoryBank.from_features(
+        _stack([rows[(e.ref_id, False, e.label)][0] for e in positives], channels),
+        labels=[e.label for e in positives],
+        ref_ids=[e.ref_id for e in positives],
+        encoder=encoder_identity(config),
+        encoder_image_size=config.encoder_image_size,
+        classes=classes,
+        negatives=Negatives(
+            features=_stack([rows[(e.ref_id, True, e.label)][0] for e in negatives], channels),
+            labels=[e.label for e in negatives],
+            ids=[e.ref_id for e in negatives],
+            added=[rows[(e.ref_id, True, e.label)][1] for e in negatives],
+        ),
+        ref_added=[rows[(e.ref_id, False, e.label)][1] for e in positives],
+    )
+    box_only = sum(1 for e in wanted if e.instance and not e.instance.detection.has_mask)
+    return bank, {key[0] for key in fresh}, box_only
 
-    yield 0.0, "Loading models"
-    predictor = NTTPredictor(config)
-    box_masks = _masks_from_boxes(predictor, instances)
-    references = []
-    for k, instance in enumerate(instances):
-        if full_masks is not None and instance.label_id in full_masks:
-            mask = full_masks[instance.label_id]
-        else:
-            mask = box_masks[k] if k in box_masks else instance.full_mask()
-        references.append(
-            Reference(
-                image=instance.filepath,
-                mask=mask,
-                label=instance.detection.label,
-                ref_id=instance.ref_id,
-                box_xywh=instance.box_xywh(),
-            )
-        )
-        yield 0.5 * (k + 1) / len(instances), f"Prepared {k + 1}/{len(instances)} references"
-    yield 0.5, f"Encoding {len(references)} references"
-    bank = predictor.build_bank(references, classes)
-    run_config = refs_view.init_run(
+
+def _known_features(bank: MemoryBank | None) -> dict[tuple, tuple]:
+    """(ref id, negative, class) -> (feature, added) of the entries a bank holds."""
+    if bank is None:
+        return {}
+    known = {}
+    for k, ref_id in enumerate(bank.ref_ids):
+        label = bank.classes[int(bank.labels[k])]
+        known[(ref_id, False, label)] = (bank.features[k], bank.ref_added[k])
+    for k, ref_id in enumerate(bank.negative_ids):
+        label = bank.classes[int(bank.negative_labels[k])]
+        known[(ref_id, True, label)] = (bank.negative_features[k], bank.negative_added[k])
+    return known
+
+
+def _stack(rows: list[torch.Tensor], channels: int) -> torch.Tensor:
+    return torch.stack(rows) if rows else torch.zeros(0, channels)
+
+
+def _reference(instance: GroundTruthInstance, mask: np.ndarray | None, label: str) -> Reference:
+    """The instance as a reference; ``mask`` (SAM2's for a bare box, or a given full mask)
+    replaces its own."""
+    mask = mask if mask is not None else instance.full_mask()
+    return Reference(
+        image=instance.filepath,
+        mask=mask,
+        label=label,
+        ref_id=instance.ref_id,
+        box_xywh=instance.box_xywh(),
+    )
+
+
+def _store(
+    dataset: fo.Dataset,
+    bank_name: str,
+    bank: MemoryBank,
+    sources: BankSources,
+    config: NTTConfig,
+    box_only: int,
+    overwrite: bool,
+) -> None:
+    """Records the bank as a custom run: its sources (so an update can re-read them) and data.
+
+    The run's view is the samples of its positive references."""
+    sample_ids = sorted({ref_id.split(":")[0] for ref_id in bank.ref_ids})
+    run_config = dataset.select(sample_ids).init_run(
         method=BANK_METHOD,
-        gt_field=gt_field,
-        ref_tag=ref_tag,
-        tag_type=tag_type,
+        **sources.record(),
         classes=bank.classes,
         encoder=bank.encoder,
         num_references=len(bank),
-        masks_from_boxes=len(box_masks),
-        reference_ids=[i.label_id for i in instances],
+        num_negatives=len(bank.negative_ids),
+        masks_from_boxes=box_only,
+        reference_ids=[ref_id.split(":")[-1] for ref_id in bank.ref_ids],
+        negative_ids=[ref_id.split(":")[-1] for ref_id in bank.negative_ids],
         ntt_config=config.to_dict(),
     )
     # register_run before init_run_results: results can only attach to a registered key.
-    refs_view.register_run(bank_name, run_config, overwrite=overwrite)
+    dataset.select(sample_ids).register_run(bank_name, run_config, overwrite=overwrite)
     dataset.save_run_results(bank_name, dataset.init_run_results(bank_name, bank=bank.to_bytes()))
-    yield 1.0, f"Memory bank {bank_name!r}: {len(bank)} references, {len(bank.classes)} classes"
-    return bank
+
+
+def _describe(bank: MemoryBank) -> str:
+    negatives = f", {len(bank.negative_ids)} negatives" if bank.negative_ids else ""
+    return f"{len(bank)} references{negatives}, {len(bank.classes)} classes"
 
 
 def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.ndarray]:
@@ -200,13 +491,18 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
     """
     bank = load_memory_bank(dataset, bank_name)
     recorded = memory_bank_config(dataset, bank_name)
+    sources = BankSources.from_record(recorded)
     quality = bank.reference_quality().numpy()
     labels = bank.labels.numpy()
     per_class = []
     for k, name in enumerate(bank.classes):
         members = np.flatnonzero(labels == k)
         scores = quality[members]
-        row = {"class": name, "references": int(members.size)}
+        row = {
+            "class": name,
+            "references": int(members.size),
+            "negatives": bank.negatives_per_class[name],
+        }
         if members.size > 1:
             worst = int(members[np.argmin(scores)])
             row |= {
@@ -223,8 +519,12 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
         "encoder": bank.encoder,
         "encoder_image_size": bank.encoder_image_size,
         "gt_field": recorded["gt_field"],
+        "ref_fields": sources.ref_fields,
         "ref_tag": recorded["ref_tag"],
         "tag_type": recorded["tag_type"],
+        "negative_tag": sources.negative_tag,
+        "num_negatives": len(bank.negative_ids),
+        "negatives_per_class": bank.negatives_per_class,
         "masks_from_boxes": recorded["masks_from_boxes"],
         "ntt_config": recorded["ntt_config"],
         "created": str(dataset.get_run_info(bank_name).timestamp),

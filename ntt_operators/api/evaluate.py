@@ -26,7 +26,9 @@ def evaluate(
     """COCO-style evaluation on instance masks, with mAP and per-sample/per-label TP/FP/FN.
 
     Adds ``<eval_key>_tp/_fp/_fn`` per sample and ``<eval_key>`` per label (``"tp"``/``"fp"``/
-    ``"fn"``); ``view.to_evaluation_patches(eval_key)`` shows them one by one.
+    ``"fn"``); ``view.to_evaluation_patches(eval_key)`` shows them one by one. When either field
+    has labels without a mask (boxes drawn in the App, a detector's output), the IoUs are those
+    of the boxes; ``class_report`` says so.
     """
     require_detections_field(dataset_or_view, pred_field)
     require_detections_field(dataset_or_view, gt_field)
@@ -42,6 +44,7 @@ def evaluate(
             f"{unscored} predictions in {pred_field!r} have no confidence; mAP needs one per "
             "prediction"
         )
+    use_masks = not fields_without_masks(dataset_or_view, [pred_field, gt_field])
     report = None
     if progress is not None:
         report = fo.report_progress(lambda bar: progress(bar.progress, "Evaluating"), dt=1.0)
@@ -50,16 +53,32 @@ def evaluate(
         gt_field=gt_field,
         eval_key=eval_key,
         classes=classes,
-        use_masks=True,
+        use_masks=use_masks,
         compute_mAP=True,
         progress=report,
     )
 
 
+def fields_without_masks(collection: Collection, fields: list[str]) -> list[str]:
+    """The fields among ``fields`` with at least one detection that has no instance mask."""
+    missing = []
+    for name in fields:
+        labels = collection.count(f"{name}.detections")
+        with_masks = collection.count(f"{name}.detections.mask") + collection.count(
+            f"{name}.detections.mask_path"
+        )
+        if with_masks < labels:
+            missing.append(name)
+    return missing
+
+
 def class_report(results: fo.core.evaluation.EvaluationResults) -> dict[str, Any]:
-    """mAP and per-class precision/recall/F1/support, as plain JSON-ready values."""
+    """mAP and per-class precision/recall/F1/support, as plain JSON-ready values; ``iou_on``
+    says whether instances were matched on masks or on boxes, and ``note`` why."""
     rows = []
     for name, metrics in results.report().items():
+        if not isinstance(metrics, dict):
+            continue  # "accuracy": a single number when every prediction matched its class
         rows.append(
             {
                 "class": name,
@@ -69,4 +88,17 @@ def class_report(results: fo.core.evaluation.EvaluationResults) -> dict[str, Any
                 "support": int(metrics["support"]),
             }
         )
-    return {"eval_key": results.key, "mAP": round(float(results.mAP()), 4), "classes": rows}
+    config = results.config
+    report = {
+        "eval_key": results.key,
+        "mAP": round(float(results.mAP()), 4),
+        "iou_on": "masks" if config.use_masks else "boxes",
+        "classes": rows,
+    }
+    if not config.use_masks:
+        boxes = fields_without_masks(results.samples, [config.pred_field, config.gt_field])
+        report["note"] = (
+            f"Evaluated on boxes, not masks: {', '.join(map(repr, boxes)) or 'a field'} "
+            "holds labels without a mask"
+        )
+    return report

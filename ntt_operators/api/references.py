@@ -7,7 +7,13 @@ import fiftyone as fo
 from ntt_core.fewshot import sample_references as sample_annotations
 
 from ..labels import annotations, ensure_metadata
-from .common import Collection, PluginInputError, require_detections_field, require_tag
+from .common import (
+    Collection,
+    PluginInputError,
+    require_detections_field,
+    require_tag,
+    root_dataset,
+)
 
 
 def sample_references(
@@ -19,17 +25,24 @@ def sample_references(
     classes: list[str] | None = None,
     tag_samples: bool = True,
     tag_labels: bool = True,
+    replace_tags: bool = False,
 ) -> dict[str, list[str]]:
     """Picks ``shots`` references per class with the paper's few-shot sampling and tags them.
 
     The tag is first removed from the collection's samples and ``gt_field`` labels, so after the
     call it marks exactly this draw; the same seed on the same collection draws the same labels.
+    Tags it did not place (a curator's, by hand) are never removed silently: the call is refused
+    unless ``replace_tags``. What it places is recorded in the dataset's ``info``.
     Returns class -> label ids.
     """
     require_detections_field(dataset_or_view, gt_field)
     require_tag(tag)
     if not (tag_samples or tag_labels):
         raise PluginInputError("Choose to tag the reference samples, their labels, or both")
+    dataset = root_dataset(dataset_or_view)
+    placed = dataset.info.get(_PLACED_KEY, {}).get(tag, {"labels": [], "samples": []})
+    if not replace_tags:
+        _refuse_hand_placed_tags(dataset_or_view, gt_field, tag, placed)
     ensure_metadata(dataset_or_view)
     anns, sizes = annotations(dataset_or_view, gt_field)
     picks = sample_annotations(anns, sizes, classes, shots=shots, seed=seed)
@@ -45,7 +58,36 @@ def sample_references(
         dataset_or_view.select_labels(ids=chosen, fields=gt_field).tag_labels(
             tag, label_fields=gt_field
         )
+    record = dataset.info.get(_PLACED_KEY, {})
+    record[tag] = {
+        "labels": sorted(set(placed["labels"]) | (set(chosen) if tag_labels else set())),
+        "samples": sorted(set(placed["samples"]) | (set(sample_ids) if tag_samples else set())),
+    }
+    dataset.info[_PLACED_KEY] = record
+    dataset.save()
     return label_ids
+
+
+_PLACED_KEY = "ntt_sampled_references"
+"""``dataset.info`` key: per tag, the label and sample ids that Sample references tagged."""
+
+
+def _refuse_hand_placed_tags(
+    collection: Collection, gt_field: str, tag: str, placed: dict[str, list[str]]
+) -> None:
+    labels = collection.select_labels(tags=tag, fields=gt_field).values(
+        f"{gt_field}.detections.id", unwind=True
+    )
+    by_hand = sorted(set(labels) - set(placed["labels"]))
+    samples = sorted(set(collection.match_tags(tag).values("id")) - set(placed["samples"]))
+    if by_hand or samples:
+        example = f"label {by_hand[0]}" if by_hand else f"sample {samples[0]}"
+        raise PluginInputError(
+            f"{len(by_hand)} label(s) of {gt_field!r} and {len(samples)} sample(s) already carry "
+            f"the tag {tag!r} that Sample references did not place (e.g. {example}); sampling "
+            "would remove it. Use another tag, or replace_tags=True ('Replace tags placed by "
+            "hand') to untag them"
+        )
 
 
 def reference_view(
