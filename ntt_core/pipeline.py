@@ -21,7 +21,7 @@ from .config import NTTConfig
 from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .matching import assign_classes, overlap_decay, pooled_features, semantic_scores
-from .models import encoder_identity, load_models
+from .models import LoadProgress, encoder_identity, load_models
 from .postprocess import logits_to_rles, mask_boxes, nms_order, rle_areas, rle_boxes_xyxy
 from .proposals import Proposals, decode_boxes, decode_points, point_grid, sam2_predictor
 from .references import Reference, encode_references
@@ -33,9 +33,12 @@ ImageInput = np.ndarray | str | Path
 class NTTPredictor:
     """Frozen SAM2 + DINOv2 and the method's settings; build once, call per image."""
 
-    def __init__(self, config: NTTConfig | None = None) -> None:
+    def __init__(
+        self, config: NTTConfig | None = None, progress: LoadProgress | None = None
+    ) -> None:
+        """``progress`` hears how model loading goes (checkpoint downloads included)."""
         self.config = config or NTTConfig()
-        self.sam_model, self.encoder, self.device = load_models(self.config)
+        self.sam_model, self.encoder, self.device = load_models(self.config, progress)
         self._sam = sam2_predictor(self.sam_model)
         self._grid = point_grid(self.config.points_per_side, self.config.sam_image_size)
 

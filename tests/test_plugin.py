@@ -186,7 +186,8 @@ def test_build_memory_bank_immediately_and_inspect_it(scene_dataset):
     assert info["name"] == "b1" and "random weights" in info["encoder"]
     assert [row["class"] for row in info["quality"]] == ["disc", "square"]
 
-    run("delete_memory_bank", scene_dataset, bank_name="b1")
+    deleted = run("delete_memory_bank", scene_dataset, bank_name="b1", confirm=True)
+    assert deleted == {"deleted": "b1", "contents": "2 references of disc, square"}
     assert api.list_memory_banks(scene_dataset) == []
 
 

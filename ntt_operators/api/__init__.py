@@ -14,6 +14,8 @@ return the result, so the App can stream a progress bar without threads.
 
 from .bank import (
     build_memory_bank,
+    check_new_bank_name,
+    check_references,
     delete_memory_bank,
     iter_build_memory_bank,
     load_memory_bank,
@@ -28,9 +30,16 @@ from .common import (
     drive_steps,
     list_memory_banks,
 )
-from .evaluate import class_report, evaluate
+from .evaluate import (
+    check_evaluation,
+    class_report,
+    evaluate,
+    left_out_tag,
+    segmented_samples,
+)
 from .references import reference_view, sample_references
 from .segment import (
+    check_output_field,
     iter_segment,
     segment,
     segment_run_key,
@@ -43,6 +52,10 @@ __all__ = [
     "SEGMENT_METHOD",
     "PluginInputError",
     "build_memory_bank",
+    "check_evaluation",
+    "check_new_bank_name",
+    "check_output_field",
+    "check_references",
     "class_report",
     "delete_memory_bank",
     "detection_fields",
@@ -50,6 +63,7 @@ __all__ = [
     "evaluate",
     "iter_build_memory_bank",
     "iter_segment",
+    "left_out_tag",
     "list_memory_banks",
     "load_memory_bank",
     "memory_bank_config",
@@ -59,5 +73,6 @@ __all__ = [
     "segment",
     "segment_run_key",
     "segment_status",
+    "segmented_samples",
     "segmented_fields",
 ]

@@ -17,6 +17,7 @@ from .common import (
     Progress,
     Steps,
     drive_steps,
+    load_predictor,
     require_bank,
     require_detections_field,
     require_free_run_key,
@@ -64,30 +65,16 @@ def iter_build_memory_bank(
     """``build_memory_bank`` as progress steps; returns the bank."""
     dataset = root_dataset(dataset_or_view)
     require_detections_field(dataset_or_view, gt_field)
-    require_run_key(bank_name, "Bank name")
-    require_free_run_key(dataset, bank_name, BANK_METHOD, overwrite, "memory bank")
+    check_new_bank_name(dataset, bank_name, overwrite)
+    classes = check_references(dataset_or_view, gt_field, ref_tag, tag_type, classes)
     refs_view = reference_view(dataset_or_view, gt_field, ref_tag, tag_type)
     ensure_metadata(refs_view)
     instances = list(iter_instances(refs_view, gt_field))
-    if not instances:
-        raise ReferenceInputError(
-            f"No reference found: no {'sample' if tag_type == 'sample' else gt_field + ' label'} "
-            f"is tagged {ref_tag!r} (tag_type={tag_type!r}). Tag references first, e.g. with "
-            "'Sample references', or pick the tag type you used"
-        )
-    present = sorted({i.detection.label for i in instances})
-    classes = list(classes) if classes else present
-    missing = [c for c in classes if c not in present]
-    if missing:
-        raise ReferenceInputError(
-            f"Class(es) {missing} have no reference tagged {ref_tag!r} in {gt_field!r}; "
-            f"tag at least one instance of each, or leave them out (tagged: {present})"
-        )
     instances = [i for i in instances if i.detection.label in classes]
     config = config or NTTConfig()
 
     yield 0.0, "Loading models"
-    predictor = NTTPredictor(config)
+    predictor = yield from load_predictor(config)
     box_masks = _masks_from_boxes(predictor, instances)
     references = []
     for k, instance in enumerate(instances):
@@ -121,6 +108,38 @@ def iter_build_memory_bank(
     dataset.save_run_results(bank_name, dataset.init_run_results(bank_name, bank=bank.to_bytes()))
     yield 1.0, f"Memory bank {bank_name!r}: {len(bank)} references, {len(bank.classes)} classes"
     return bank
+
+
+def check_new_bank_name(dataset: fo.Dataset, bank_name: str, overwrite: bool) -> None:
+    """Refuses a bank name that is not a valid run key, or taken without ``overwrite``."""
+    require_run_key(bank_name, "Bank name")
+    require_free_run_key(dataset, bank_name, BANK_METHOD, overwrite, "memory bank")
+
+
+def check_references(
+    dataset_or_view: Collection,
+    gt_field: str,
+    ref_tag: str,
+    tag_type: str,
+    classes: list[str] | None = None,
+) -> list[str]:
+    """Refuses a build with no reference tagged, or a requested class without one; returns the
+    classes the bank will hold (all tagged ones when ``classes`` is empty)."""
+    refs_view = reference_view(dataset_or_view, gt_field, ref_tag, tag_type)
+    present = sorted(refs_view.distinct(f"{gt_field}.detections.label"))
+    if not present:
+        what = "sample" if tag_type == "sample" else f"{gt_field} label"
+        raise ReferenceInputError(
+            f"No reference found: no {what} is tagged {ref_tag!r}. Tag references first (e.g. "
+            "with 'Sample references'), or pick the tag and tag type you used"
+        )
+    missing = [c for c in classes or [] if c not in present]
+    if missing:
+        raise ReferenceInputError(
+            f"Class(es) {missing} have no reference tagged {ref_tag!r} in {gt_field!r}; "
+            f"tag at least one instance of each, or leave them out (tagged: {present})"
+        )
+    return list(classes) if classes else present
 
 
 def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.ndarray]:
@@ -170,9 +189,15 @@ def memory_bank_config(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
     return config
 
 
-def delete_memory_bank(dataset: fo.Dataset, bank_name: str) -> None:
-    require_bank(dataset, bank_name)
+def delete_memory_bank(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
+    """Deletes the bank; returns what was removed (fields segmented with it are kept)."""
+    recorded = memory_bank_config(dataset, bank_name)
     dataset.delete_run(bank_name)
+    return {
+        "deleted": bank_name,
+        "classes": list(recorded["classes"]),
+        "num_references": recorded["num_references"],
+    }
 
 
 def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
@@ -204,6 +229,7 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
         "references_per_class": bank.references_per_class,
         "num_references": len(bank),
         "encoder": bank.encoder,
+        "sam_model": recorded["ntt_config"]["sam_model"],
         "encoder_image_size": bank.encoder_image_size,
         "gt_field": recorded["gt_field"],
         "ref_tag": recorded["ref_tag"],

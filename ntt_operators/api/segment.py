@@ -25,6 +25,7 @@ from .common import (
     Steps,
     drive_steps,
     holds_detections,
+    load_predictor,
     root_dataset,
 )
 
@@ -106,9 +107,7 @@ def iter_segment(
     bank = load_memory_bank(dataset, bank_name)
     recorded = memory_bank_config(dataset, bank_name)
     run_key = segment_run_key(label_field)
-    exists = _check_output_field(dataset, label_field, recorded["gt_field"], overwrite, skip_done)
-    if skip_done and exists:
-        _require_same_bank(dataset, run_key, label_field, bank_name)
+    exists = check_output_field(dataset, bank_name, label_field, overwrite, skip_done)
     if batch_size < 1:
         raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
     _check_backend(backend, num_actors, reuse_proposals)
@@ -141,7 +140,7 @@ def iter_segment(
             address=ray_address,
         )
     else:
-        predictor = NTTPredictor(config)
+        predictor = yield from load_predictor(config)
         store = proposal_store(dataset, config) if reuse_proposals else None
         results = _predict_locally(predictor, bank, sample_ids, filepaths, store)
 
@@ -245,6 +244,18 @@ def _save_status(dataset: fo.Dataset, run_key: str, status: str, **counts: Any) 
     dataset.save_run_results(run_key, results, overwrite=True, cache=False)
 
 
+def check_output_field(
+    dataset: fo.Dataset, bank_name: str, label_field: str, overwrite: bool, skip_done: bool
+) -> bool:
+    """Refuses an output field that would clobber data or mix two banks' results; returns
+    whether the field already exists. The Segment form shows the same refusal on the field."""
+    gt_field = memory_bank_config(dataset, bank_name)["gt_field"]
+    exists = _check_output_field(dataset, label_field, gt_field, overwrite, skip_done)
+    if skip_done and exists:
+        _require_same_bank(dataset, segment_run_key(label_field), label_field, bank_name)
+    return exists
+
+
 def _check_output_field(
     dataset: fo.Dataset, label_field: str, gt_field: str, overwrite: bool, skip_done: bool
 ) -> bool:
@@ -260,8 +271,7 @@ def _check_output_field(
         )
     if overwrite and skip_done:
         raise PluginInputError(
-            "overwrite and skip_done contradict each other: overwrite starts the field afresh, "
-            "skip_done continues it. Choose one"
+            "overwrite=True starts the field afresh and skip_done=True continues it: choose one"
         )
     if not dataset.has_sample_field(label_field):
         return False
@@ -271,8 +281,8 @@ def _check_output_field(
         )
     if not (overwrite or skip_done):
         raise PluginInputError(
-            f"Field {label_field!r} already exists: pass overwrite=True to replace it, "
-            "skip_done=True to continue it, or pick a new name"
+            f"Field {label_field!r} already exists: set overwrite=True to replace it, "
+            "set skip_done=True to continue it, or pick a new name"
         )
     return True
 
@@ -281,11 +291,11 @@ def _require_same_bank(dataset: fo.Dataset, run_key: str, label_field: str, bank
     if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
         raise PluginInputError(
             f"Field {label_field!r} was not written by this plugin, so it cannot be continued; "
-            "use overwrite=True or a new name"
+            "set overwrite=True instead, or pick a new name"
         )
     recorded = dataset.get_run_info(run_key).config.bank_name
     if recorded != bank:
         raise PluginInputError(
             f"Field {label_field!r} was written with memory bank {recorded!r}, not {bank!r}; "
-            "continue with the same bank, or use overwrite=True or a new field"
+            "continue with the same bank, set overwrite=True instead, or pick a new name"
         )
