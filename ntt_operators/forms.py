@@ -87,10 +87,13 @@ def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:
         )
         notice.invalid = True
         return None
+    chosen = ctx.params.get("bank_name") or banks[-1]
     choices = types.DropdownView()
-    for name in banks:
+    # A bank deleted while the form was open stays listed, marked, so that Execute (or a
+    # scheduled run's validation) refuses it with a sentence rather than "invalid value".
+    for name in banks if chosen in banks else [*banks, chosen]:
         choices.add_choice(name, label=name)
-    inputs.enum(
+    prop = inputs.enum(
         "bank_name",
         choices.values(),
         required=True,
@@ -98,7 +101,8 @@ def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:
         label="Memory bank",
         view=choices,
     )
-    return ctx.params.get("bank_name", banks[-1])
+    mark_invalid(prop, refusal(lambda: api.require_bank(ctx.dataset, chosen)))
+    return chosen if chosen in banks else None
 
 
 def tag_choice(

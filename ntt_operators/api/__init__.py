@@ -29,6 +29,7 @@ from .common import (
     detection_fields,
     drive_steps,
     list_memory_banks,
+    require_bank,
 )
 from .evaluate import (
     check_evaluation,
@@ -69,6 +70,7 @@ __all__ = [
     "memory_bank_config",
     "memory_bank_info",
     "reference_view",
+    "require_bank",
     "sample_references",
     "segment",
     "segment_run_key",
