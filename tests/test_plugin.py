@@ -396,7 +396,7 @@ def test_evaluate_reports_per_class_and_opens_patches(banked):
         (lambda d: api.segment(d, "bank", "filepath"), "does not hold fo.Detections"),
         (lambda d: api.segment(d, "bank", "not a field"), "top-level field name"),
         (lambda d: api.segment(d, "nope", "pred"), "No memory bank named 'nope'"),
-        (lambda d: api.segment(d, "bank", "pred", overwrite=True, skip_done=True), "Choose one"),
+        (lambda d: api.segment(d, "bank", "pred", overwrite=True, skip_done=True), "choose one"),
         (lambda d: api.build_memory_bank(d, "ground_truth", "bad name"), "not valid"),
         (lambda d: api.build_memory_bank(d, "ground_truth", "bank"), "already exists"),
         (lambda d: api.build_memory_bank(d, "metadata", "b"), "not an fo.Detections field"),
