@@ -19,7 +19,13 @@ from torch import nn
 
 from ntt_core.config import NTTConfig
 from ntt_core.errors import CheckpointError, DeviceError
-from ntt_core.registry import CHECKPOINTS, Checkpoint, find_by_file_name, resolve_checkpoint
+from ntt_core.registry import (
+    CHECKPOINTS,
+    Checkpoint,
+    DownloadProgress,
+    find_by_file_name,
+    resolve_checkpoint,
+)
 
 _SEED = 0
 _DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -30,6 +36,9 @@ _M = TypeVar("_M", bound=nn.Module)
 # predictor in a process shares one copy per (checkpoint, weights, input size, device).
 _MODELS: dict[tuple[Any, ...], Any] = {}
 _MODELS_LOCK = threading.Lock()
+
+LoadProgress = Callable[[str], None]
+"""Hears what model loading is doing, as a label ("Downloading x.pt: 12.0 / 148.7 MB")."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -64,6 +73,7 @@ def build_sam2_model(
     image_size: int = 1024,
     device: str | torch.device = "cpu",
     config_name: str | None = None,
+    progress: DownloadProgress | None = None,
 ) -> SAM2Base:
     """SAM2 from a registry name or local checkpoint, in eval mode with frozen parameters.
 
@@ -74,7 +84,7 @@ def build_sam2_model(
     # The file is read before the (seconds-long) build so that a bad one fails fast.
     state = path = None
     if _wants_official(weights):
-        path = resolve_checkpoint(name_or_path)
+        path = resolve_checkpoint(name_or_path, progress=progress)
         state = _read_sam2(path, config)
     with _fixed_seed():
         model = _compose_sam2(config, image_size)
@@ -88,12 +98,13 @@ def build_dinov2_encoder(
     weights: str = "official",
     image_size: int = 518,
     device: str | torch.device = "cpu",
+    progress: DownloadProgress | None = None,
 ) -> DINOv2Encoder:
     """DINOv2 from a registry name or Meta's ``dinov2_vit*14_pretrain.pth``, eval mode, frozen."""
     entry = _identify(name_or_path, "dinov2")
     state = path = None
     if _wants_official(weights):
-        path = resolve_checkpoint(name_or_path)
+        path = resolve_checkpoint(name_or_path, progress=progress)
         state = _read_dinov2(path)
     arch = entry.arch if entry else _dinov2_arch(name_or_path, state)
     # Official weights replace every parameter, so the network is laid out on the meta device
@@ -108,33 +119,68 @@ def build_dinov2_encoder(
     return _frozen(DINOv2Encoder(vit, name, image_size), device)
 
 
-def load_models(config: NTTConfig) -> tuple[SAM2Base, DINOv2Encoder, torch.device]:
-    """The config's SAM2 and DINOv2 on its device, built on first use and then shared."""
-    return load_sam2(config), load_encoder(config), resolve_device(config.device)
+def load_models(
+    config: NTTConfig, progress: LoadProgress | None = None
+) -> tuple[SAM2Base, DINOv2Encoder, torch.device]:
+    """The config's SAM2 and DINOv2 on its device, built on first use and then shared.
+
+    ``progress`` hears which model is loading and how a checkpoint download goes.
+    """
+    sam, encoder = load_sam2(config, progress), load_encoder(config, progress)
+    return sam, encoder, resolve_device(config.device)
 
 
-def load_sam2(config: NTTConfig) -> SAM2Base:
+def load_sam2(config: NTTConfig, progress: LoadProgress | None = None) -> SAM2Base:
     """The config's SAM2 on its device, built on first use and then shared."""
+    report = progress or (lambda label: None)
     device = resolve_device(config.device)
     sam_key = ("sam2", config.sam_model, config.sam_config, config.weights, config.sam_image_size)
+    report(f"Loading SAM2 {config.sam_model} ({config.weights} weights)")
     return _cached(
         (*sam_key, str(device)),
         lambda: build_sam2_model(
-            config.sam_model, config.weights, config.sam_image_size, device, config.sam_config
+            config.sam_model,
+            config.weights,
+            config.sam_image_size,
+            device,
+            config.sam_config,
+            _download_labels(report),
         ),
     )
 
 
-def load_encoder(config: NTTConfig) -> DINOv2Encoder:
+def load_encoder(config: NTTConfig, progress: LoadProgress | None = None) -> DINOv2Encoder:
     """The config's DINOv2 on its device, built on first use and then shared."""
+    report = progress or (lambda label: None)
     device = resolve_device(config.device)
     encoder_key = ("dinov2", config.encoder_model, config.weights, config.encoder_image_size)
+    report(f"Loading DINOv2 {config.encoder_model} ({config.weights} weights)")
     return _cached(
         (*encoder_key, str(device)),
         lambda: build_dinov2_encoder(
-            config.encoder_model, config.weights, config.encoder_image_size, device
+            config.encoder_model,
+            config.weights,
+            config.encoder_image_size,
+            device,
+            _download_labels(report),
         ),
     )
+
+
+def _download_labels(report: LoadProgress) -> DownloadProgress:
+    """Download chunks as labels, one per percent (or 10 MB when the size is unknown)."""
+    reported = 0
+
+    def on_chunk(file_name: str, done: int, total: int | None) -> None:
+        nonlocal reported
+        step = total / 100 if total else 10e6
+        if done - reported < step and done != total:
+            return
+        reported = done
+        of_total = f" / {total / 1e6:.1f}" if total else ""
+        report(f"Downloading {file_name}: {done / 1e6:.1f}{of_total} MB")
+
+    return on_chunk
 
 
 def clear_model_cache() -> None:

@@ -22,7 +22,7 @@ from .errors import ReferenceInputError
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .masks import CroppedMasks, RLEMasks, masks_from_logits
 from .matching import assign_classes, overlap_decay, pooled_features, scores_with_negatives
-from .models import encoder_identity, load_encoder, load_sam2, resolve_device
+from .models import LoadProgress, encoder_identity, load_encoder, load_sam2, resolve_device
 from .postprocess import mask_boxes, nms_order
 from .proposals import (
     Proposals,
@@ -53,16 +53,23 @@ def full_resolution_masks(
 class NTTPredictor:
     """Frozen SAM2 + DINOv2 and the method's settings; build once, call per image."""
 
-    def __init__(self, config: NTTConfig | None = None, load: bool = True) -> None:
+    def __init__(
+        self,
+        config: NTTConfig | None = None,
+        load: bool = True,
+        progress: LoadProgress | None = None,
+    ) -> None:
         """``load=False`` defers loading each model to its first use: re-scoring cached
-        proposals (``score``) needs neither, encoding references needs only DINOv2."""
+        proposals (``score``) needs neither, encoding references needs only DINOv2.
+        ``progress`` hears how model loading goes (checkpoint downloads included)."""
         self.config = config or NTTConfig()
+        self._progress = progress
         self._grid = point_grid(self.config.points_per_side, self.config.sam_image_size)
         self._sam_parts: tuple | None = None
         self._encoder: torch.nn.Module | None = None
         if load:  # both now, so that a bad checkpoint or device is refused here
             self._load_sam()
-            self._encoder = load_encoder(self.config)
+            self._encoder = load_encoder(self.config, progress)
 
     @property
     def models_loaded(self) -> bool:
@@ -76,7 +83,7 @@ class NTTPredictor:
     @property
     def encoder(self) -> torch.nn.Module:
         if self._encoder is None:
-            self._encoder = load_encoder(self.config)
+            self._encoder = load_encoder(self.config, self._progress)
         return self._encoder
 
     @property
@@ -90,7 +97,7 @@ class NTTPredictor:
 
     def _load_sam(self) -> tuple:
         if self._sam_parts is None:
-            model = load_sam2(self.config)
+            model = load_sam2(self.config, self._progress)
             self._sam_parts = (model, sam2_predictor(model))
         return self._sam_parts
 

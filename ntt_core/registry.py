@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +24,10 @@ _SAM21_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _DOWNLOAD_TIMEOUT_S = 60
+_CHUNK_BYTES = 1 << 20
+
+DownloadProgress = Callable[[str, int, "int | None"], None]
+"""Called as a download goes: (file name, bytes done, total bytes or None when unknown)."""
 _CONFIG_FIELD = {
     "sam2": "sam_model (CLI --sam-model)",
     "dinov2": "encoder_model (CLI --encoder-model)",
@@ -103,24 +107,27 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "ntt"
 
 
-def resolve_checkpoint(name_or_path: str | Path, download: bool = True) -> Path:
+def resolve_checkpoint(
+    name_or_path: str | Path, download: bool = True, progress: DownloadProgress | None = None
+) -> Path:
     """The local file of a checkpoint: an existing path as-is, or a registry name's cached file.
 
-    A registry name's file is downloaded into ``cache_dir()`` when absent (if ``download``).
+    A registry name's file is downloaded into ``cache_dir()`` when absent (if ``download``),
+    reporting to ``progress``.
     """
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     text = str(name_or_path)
     if text in CHECKPOINTS:
-        return _cached_file(CHECKPOINTS[text], download)
+        return _cached_file(CHECKPOINTS[text], download, progress)
     if _looks_like_path(text):
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is not an existing file. Pass an existing file or a "
             f"registry name ({', '.join(CHECKPOINTS)}) as sam_model / encoder_model "
             "(CLI --sam-model / --encoder-model)."
         )
-    return _cached_file(get_checkpoint(text), download)
+    return _cached_file(get_checkpoint(text), download, progress)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -129,14 +136,14 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _cached_file(entry: Checkpoint, download: bool) -> Path:
+def _cached_file(entry: Checkpoint, download: bool, progress: DownloadProgress | None) -> Path:
     target = cache_dir() / entry.file_name
     if target.is_file():
         return target
     if not download:
         raise CheckpointError(_missing_message(entry, target, "it is not in the cache"))
     try:
-        download_file(entry.url, target)
+        download_file(entry.url, target, progress)
     except OSError as error:  # URLError, HTTPError, timeouts and disk errors are all OSErrors
         reason = f"the download failed ({error})"
         raise CheckpointError(_missing_message(entry, target, reason)) from error
@@ -151,15 +158,25 @@ def _missing_message(entry: Checkpoint, target: Path, reason: str) -> str:
     )
 
 
-def download_file(url: str, target: Path) -> None:
-    """Downloads ``url`` to ``target`` atomically: no partial file is ever left at ``target``."""
+def download_file(url: str, target: Path, progress: DownloadProgress | None = None) -> None:
+    """Downloads ``url`` to ``target`` atomically: no partial file is ever left at ``target``.
+
+    ``progress`` hears about every chunk (``target``'s name, bytes so far, total if known).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("Downloading %s to %s", url, target)
     # A temp file in the same directory makes os.replace an atomic rename on every platform.
     part = tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False)
     try:
         with part, urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            shutil.copyfileobj(response, part, 1 << 20)
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            done = 0
+            while chunk := response.read(_CHUNK_BYTES):
+                part.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(target.name, done, total)
         os.replace(part.name, target)
     except BaseException:
         Path(part.name).unlink(missing_ok=True)

@@ -33,6 +33,8 @@ DEFAULTS = {
     "device": "auto",
     "overwrite": False,
 }
+WORDS = {"overwrite": "Replace a bank of that name"}
+"""How the form names the API's options, for refusals shown in the App."""
 
 
 def config_from_params(ctx: foo.ExecutionContext) -> NTTConfig:
@@ -91,7 +93,9 @@ class BuildMemoryBank(foo.Operator):
                 "tag join the bank with their predicted mask",
                 view=choices,
             )
-        forms.tag_choice(ctx, inputs, "ref_tag", DEFAULTS["ref_tag"], label="Reference tag")
+        ref_tag = forms.tag_choice(
+            ctx, inputs, "ref_tag", DEFAULTS["ref_tag"], label="Reference tag"
+        )
         tag_types = types.RadioGroup()
         tag_types.add_choice("label", label="Label tag", description="Only the tagged instances")
         tag_types.add_choice(
@@ -113,27 +117,47 @@ class BuildMemoryBank(foo.Operator):
             description="Labels with this tag, in any field (false positives tagged in the grid "
             "or the evaluation patches), teach the bank what a class is not; empty: none",
         )
-        forms.classes_choice(ctx, inputs, gt_field, "Leave empty for every class referenced")
-        inputs.str(
+        classes = forms.classes_choice(
+            ctx, inputs, gt_field, "Leave empty for every class referenced"
+        )
+        if gt_field:
+            # Both refusals concern the references; the classes field gets a missing class.
+            problem = forms.refusal(
+                lambda: api.check_references(
+                    ctx.target_view(),
+                    [gt_field, *forms.param(ctx, DEFAULTS, "accepted_fields")],
+                    forms.param(ctx, DEFAULTS, "ref_tag"),
+                    forms.param(ctx, DEFAULTS, "tag_type"),
+                    forms.param(ctx, DEFAULTS, "classes"),
+                )
+            )
+            if problem:
+                forms.mark_invalid(classes if problem.startswith("Class") else ref_tag, problem)
+        name = inputs.str(
             "bank_name",
             default=DEFAULTS["bank_name"],
             label="Bank name",
             description="Letters, digits and underscores",
         )
-        inputs.bool("overwrite", default=DEFAULTS["overwrite"], label="Replace a bank of that name")
-        name = forms.param(ctx, DEFAULTS, "bank_name")
-        warning = None
-        if not name.isidentifier():
-            warning = "Use letters, digits and underscores in the bank name"
-        elif name in ctx.dataset.list_runs() and not forms.param(ctx, DEFAULTS, "overwrite"):
-            warning = f"'{name}' exists: replace it or rename"
-        if warning:
-            inputs.view("name_warning", types.Warning(label=warning))
+        inputs.bool("overwrite", default=DEFAULTS["overwrite"], label=WORDS["overwrite"])
+        forms.mark_invalid(
+            name,
+            forms.refusal(
+                lambda: api.check_new_bank_name(
+                    ctx.dataset,
+                    forms.param(ctx, DEFAULTS, "bank_name"),
+                    forms.param(ctx, DEFAULTS, "overwrite"),
+                ),
+                WORDS,
+            ),
+        )
         model_inputs(inputs)
         return types.Property(inputs, view=types.View(label="Build memory bank"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
-        return forms.run_with_progress(ctx, self._steps(ctx), bank_outputs)
+        return forms.run_with_progress(
+            ctx, "Build memory bank", self._steps(ctx), bank_outputs, WORDS
+        )
 
     def _steps(self, ctx: foo.ExecutionContext) -> Iterator:
         name = forms.param(ctx, DEFAULTS, "bank_name")
@@ -208,6 +232,7 @@ def info_summary(info: dict[str, Any]) -> dict[str, Any]:
     """The bank info as the operators show it (JSON-ready, tables as lists of rows)."""
     return {
         "name": info["name"],
+        "sam_model": info["sam_model"],
         "encoder": f"{info['encoder']} at {info['encoder_image_size']}px",
         "gt_field": ", ".join(info["ref_fields"]),
         "references": f"{info['num_references']} ({info['masks_from_boxes']} masks from boxes)",
@@ -216,10 +241,11 @@ def info_summary(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def bank_outputs() -> types.Property:
-    outputs = types.Object()
+def bank_outputs(title: str = "Memory bank built") -> types.Property:
+    outputs = forms.titled_outputs(title)
     outputs.str("name", label="Memory bank")
-    outputs.str("encoder", label="Encoder")
+    outputs.str("sam_model", label="SAM2 model (proposals)")
+    outputs.str("encoder", label="DINOv2 encoder")
     outputs.str("gt_field", label="Reference fields")
     outputs.str("references", label="References")
     outputs.str("negatives", label="Negatives")
@@ -234,7 +260,7 @@ def bank_outputs() -> types.Property:
     ):
         table.add_column(key, label=label)
     outputs.list("quality", types.Object(), label="References per class", view=table)
-    return types.Property(outputs, view=types.View(label="Memory bank"))
+    return types.Property(outputs, view=types.View(label=title))
 
 
 class UpdateMemoryBank(foo.Operator):
@@ -272,7 +298,9 @@ class UpdateMemoryBank(foo.Operator):
             ctx.params["bank_name"],
             add_fields=forms.param(ctx, UPDATE_DEFAULTS, "accepted_fields") or None,
         )
-        return forms.run_with_progress(ctx, _update_rows(steps), update_outputs)
+        return forms.run_with_progress(
+            ctx, "Update memory bank", _update_rows(steps), update_outputs
+        )
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         return update_outputs()
@@ -312,7 +340,7 @@ def _update_rows(steps: Iterator) -> Iterator:
 
 
 def update_outputs() -> types.Property:
-    outputs = types.Object()
+    outputs = forms.titled_outputs("Memory bank updated")
     outputs.str("bank_name", label="Memory bank")
     outputs.int("added", label="Entries added")
     outputs.int("removed", label="Entries removed (untagged)")
@@ -347,10 +375,17 @@ class GetMemoryBankInfo(foo.Operator):
         return types.Property(inputs, view=types.View(label="Get memory bank info"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
-        return info_summary(api.memory_bank_info(ctx.dataset, ctx.params["bank_name"]))
+        return forms.reporting_failures(
+            ctx,
+            "Get memory bank info",
+            lambda: info_summary(api.memory_bank_info(ctx.dataset, ctx.params["bank_name"])),
+            WORDS,
+        )
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
-        return bank_outputs()
+        return forms.outputs_or_failure(
+            ctx, "Get memory bank info", lambda: bank_outputs("Memory bank info")
+        )
 
 
 class DeleteMemoryBank(foo.Operator):
@@ -366,9 +401,38 @@ class DeleteMemoryBank(foo.Operator):
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()
         if forms.memory_bank(ctx, inputs):
-            inputs.view("confirm", types.Warning(label="This cannot be undone"))
+            confirm = inputs.bool(
+                "confirm",
+                default=False,
+                label="Yes, delete this memory bank",
+                description="This cannot be undone; fields segmented with it are kept",
+            )
+            if not ctx.params.get("confirm"):
+                forms.mark_invalid(confirm, "Tick to confirm the deletion")
         return types.Property(inputs, view=types.View(label="Delete memory bank"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
-        api.delete_memory_bank(ctx.dataset, ctx.params["bank_name"])
-        return {"deleted": ctx.params["bank_name"]}
+        return forms.reporting_failures(
+            ctx,
+            "Delete memory bank",
+            lambda: _deleted_summary(api.delete_memory_bank(ctx.dataset, ctx.params["bank_name"])),
+        )
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        return forms.outputs_or_failure(ctx, "Delete memory bank", _deleted_outputs)
+
+
+def _deleted_summary(deleted: dict[str, Any]) -> dict[str, Any]:
+    classes = ", ".join(deleted["classes"])
+    return {
+        "deleted": deleted["deleted"],
+        "contents": f"{deleted['num_references']} references of {classes}",
+    }
+
+
+def _deleted_outputs() -> types.Property:
+    outputs = types.Object()
+    outputs.str("deleted", label="Deleted memory bank")
+    outputs.str("contents", label="It held")
+    outputs.view("kept", types.Notice(label="Fields segmented with it are kept"))
+    return types.Property(outputs, view=types.View(label="Memory bank deleted"))

@@ -13,7 +13,11 @@ DEFAULTS = {
     "classes": [],
     "load_patches": False,
     "patch_type": "all",
+    "overwrite": False,
+    "include_unsegmented": False,
 }
+WORDS = {"overwrite": "Replace an evaluation of that key"}
+"""How the form names the API's options, for refusals shown in the App."""
 PATCH_TYPES = ("all", "tp", "fp", "fn")
 
 
@@ -31,7 +35,7 @@ class EvaluateSegmentations(foo.Operator):
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Evaluate")
-        forms.detections_field(
+        pred_field = forms.detections_field(
             ctx,
             inputs,
             "pred_field",
@@ -40,14 +44,35 @@ class EvaluateSegmentations(foo.Operator):
             preferred=api.segmented_fields(ctx.dataset),
         )
         gt_field = forms.detections_field(
-            ctx, inputs, "gt_field", "Ground truth", "Ground-truth instances"
+            ctx,
+            inputs,
+            "gt_field",
+            "Ground truth",
+            "Ground-truth instances",
+            check=lambda gt: forms.refusal(lambda: _check_fields(ctx, pred_field, gt)),
         )
-        inputs.str(
+        eval_key = inputs.str(
             "eval_key",
             default=DEFAULTS["eval_key"],
             label="Evaluation key",
-            description="Names the per-sample <key>_tp/_fp/_fn fields; an existing key is replaced",
+            description="Names the per-sample <key>_tp/_fp/_fn fields",
         )
+        inputs.bool("overwrite", default=DEFAULTS["overwrite"], label=WORDS["overwrite"])
+        if pred_field and gt_field:
+            forms.mark_invalid(
+                eval_key,
+                forms.refusal(
+                    lambda: api.check_evaluation(
+                        ctx.dataset,
+                        pred_field,
+                        gt_field,
+                        forms.param(ctx, DEFAULTS, "eval_key"),
+                        forms.param(ctx, DEFAULTS, "overwrite"),
+                    ),
+                    WORDS,
+                ),
+            )
+        _left_out_choice(ctx, inputs, pred_field)
         forms.classes_choice(ctx, inputs, gt_field, "Leave empty for every class")
         inputs.bool(
             "load_patches",
@@ -57,6 +82,11 @@ class EvaluateSegmentations(foo.Operator):
         return types.Property(inputs, view=types.View(label="Evaluate segmentations"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
+        return forms.reporting_failures(
+            ctx, "Evaluate segmentations", lambda: self._run(ctx), WORDS
+        )
+
+    def _run(self, ctx: foo.ExecutionContext) -> dict:
         eval_key = forms.param(ctx, DEFAULTS, "eval_key")
         progress = None
         if ctx.delegated:
@@ -68,6 +98,8 @@ class EvaluateSegmentations(foo.Operator):
             eval_key,
             classes=forms.param(ctx, DEFAULTS, "classes") or None,
             progress=progress,
+            include_unsegmented=forms.param(ctx, DEFAULTS, "include_unsegmented"),
+            overwrite=forms.param(ctx, DEFAULTS, "overwrite"),
         )
         if not ctx.delegated:
             if forms.param(ctx, DEFAULTS, "load_patches"):
@@ -77,26 +109,58 @@ class EvaluateSegmentations(foo.Operator):
         return api.class_report(results)
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
-        outputs = types.Object()
-        outputs.str("eval_key", label="Evaluation key")
-        outputs.float("mAP", label="mAP (IoU 0.50:0.95)")
-        outputs.str("iou_on", label="Instances matched on")
-        outputs.str("note", label="Note")
-        table = types.TableView()
-        for key, label in (
-            ("class", "Class"),
-            ("precision", "Precision"),
-            ("recall", "Recall"),
-            ("f1", "F1"),
-            ("support", "Support"),
-        ):
-            table.add_column(key, label=label)
-        outputs.list("classes", types.Object(), label="Per class, at IoU 0.50", view=table)
-        outputs.view(
-            "next",
-            types.Notice(label="Run 'Load evaluation patches' to browse the TP/FP/FN instances"),
+        return forms.outputs_or_failure(ctx, "Evaluate segmentations", _report_outputs)
+
+
+def _check_fields(ctx: foo.ExecutionContext, pred_field: str | None, gt_field: str) -> None:
+    """The field refusals of ``check_evaluation`` (the key is checked on its own field)."""
+    if pred_field:
+        api.check_evaluation(ctx.dataset, pred_field, gt_field, "any_key", overwrite=True)
+
+
+def _left_out_choice(ctx: foo.ExecutionContext, inputs: types.Object, pred_field: str | None):
+    """Says which samples the evaluation leaves out (those never segmented), and offers them."""
+    tag = api.left_out_tag(ctx.dataset, pred_field) if pred_field else None
+    if tag is None:
+        return
+    inputs.bool(
+        "include_unsegmented",
+        default=DEFAULTS["include_unsegmented"],
+        label=f"Include the samples tagged '{tag}'",
+        description="Left out by default: the segmentation skipped them (the references), so "
+        "their objects would all count as missed",
+    )
+    if not forms.param(ctx, DEFAULTS, "include_unsegmented"):
+        left_out = len(ctx.target_view()) - len(
+            api.segmented_samples(ctx.target_view(), pred_field)
         )
-        return types.Property(outputs, view=types.View(label="Evaluation report"))
+        inputs.view(
+            "left_out",
+            types.Notice(label=f"{left_out} sample(s) tagged '{tag}' are left out: not segmented"),
+        )
+
+
+def _report_outputs() -> types.Property:
+    outputs = types.Object()
+    outputs.str("eval_key", label="Evaluation key")
+    outputs.float("mAP", label="mAP (IoU 0.50:0.95)")
+    outputs.str("iou_on", label="Instances matched on")
+    outputs.str("note", label="Note")
+    table = types.TableView()
+    for key, label in (
+        ("class", "Class"),
+        ("precision", "Precision"),
+        ("recall", "Recall"),
+        ("f1", "F1"),
+        ("support", "Support"),
+    ):
+        table.add_column(key, label=label)
+    outputs.list("classes", types.Object(), label="Per class, at IoU 0.50", view=table)
+    outputs.view(
+        "next",
+        types.Notice(label="Run 'Load evaluation patches' to browse the TP/FP/FN instances"),
+    )
+    return types.Property(outputs, view=types.View(label="Evaluation report"))
 
 
 def evaluation_patches(dataset: fo.Dataset, eval_key: str, patch_type: str) -> fo.DatasetView:
@@ -121,8 +185,9 @@ class LoadEvaluationPatches(foo.Operator):
         inputs = types.Object()
         keys = ctx.dataset.list_evaluations()
         if not keys:
-            inputs.view("none", types.Warning(label="No evaluation yet: evaluate first"))
-            return types.Property(inputs)
+            notice = inputs.view("none", types.Warning(label="No evaluation yet: evaluate first"))
+            notice.invalid = True
+            return types.Property(inputs, view=types.View(label="Load evaluation patches"))
         choices = types.DropdownView()
         for key in keys:
             choices.add_choice(key, label=key)
@@ -147,9 +212,17 @@ class LoadEvaluationPatches(foo.Operator):
         return types.Property(inputs, view=types.View(label="Load evaluation patches"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
-        eval_key = ctx.params["eval_key"]
+        return forms.reporting_failures(ctx, "Load evaluation patches", lambda: self._run(ctx))
+
+    def _run(self, ctx: foo.ExecutionContext) -> dict:
         patches = evaluation_patches(
-            ctx.dataset, eval_key, forms.param(ctx, DEFAULTS, "patch_type")
+            ctx.dataset, ctx.params["eval_key"], forms.param(ctx, DEFAULTS, "patch_type")
         )
         ctx.ops.set_view(patches)
         return {"patches": len(patches)}
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property | None:
+        # Success shows the patches in the grid; only a failure needs a dialog.
+        if isinstance(ctx.results, dict) and "error" in ctx.results:
+            return forms.failure_outputs("Load evaluation patches")
+        return None

@@ -6,13 +6,16 @@ passes its values as ``default=`` here and reads params with ``param(ctx, DEFAUL
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from . import api
+from ntt_core import NTTError
+
+from . import api, messages
+from .messages import Words
 
 HEAVY = dict(
     allow_immediate_execution=True,
@@ -34,23 +37,27 @@ def detections_field(
     label: str,
     description: str,
     preferred: Sequence[str] = ("ground_truth",),
+    check: Callable[[str], str | None] | None = None,
 ) -> str | None:
     """A dropdown of the dataset's ``fo.Detections`` fields; returns the chosen one.
 
-    The default is the first of ``preferred`` that exists, else the first field.
+    The default is the first of ``preferred`` that exists, else the first field. ``check``
+    returns a refusal of the chosen field to show on it, if any.
     """
     fields = api.detection_fields(ctx.dataset)
     if not fields:
-        inputs.view(
+        notice = inputs.view(
             f"no_{name}",
             types.Warning(label="This dataset has no fo.Detections field", description=description),
         )
+        notice.invalid = True
         return None
     default = next((field for field in preferred if field in fields), fields[0])
     choices = types.DropdownView()
     for field in fields:
         choices.add_choice(field, label=field)
-    inputs.enum(
+    chosen = ctx.params.get(name) or default
+    prop = inputs.enum(
         name,
         choices.values(),
         required=True,
@@ -59,25 +66,34 @@ def detections_field(
         description=description,
         view=choices,
     )
-    return ctx.params.get(name, default)
+    if check is not None:
+        mark_invalid(prop, check(chosen))
+    return chosen
 
 
 def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:
-    """A dropdown of the dataset's memory banks; returns the chosen one."""
+    """A dropdown of the dataset's memory banks; returns the chosen one.
+
+    With no bank yet the form says so and cannot be executed.
+    """
     banks = api.list_memory_banks(ctx.dataset)
     if not banks:
-        inputs.view(
+        notice = inputs.view(
             "no_bank",
             types.Warning(
                 label="No memory bank yet",
                 description="Tag references and run 'Build memory bank' first",
             ),
         )
+        notice.invalid = True
         return None
+    chosen = ctx.params.get("bank_name") or banks[-1]
     choices = types.DropdownView()
-    for name in banks:
+    # A bank deleted while the form was open stays listed, marked, so that Execute (or a
+    # scheduled run's validation) refuses it with a sentence rather than "invalid value".
+    for name in banks if chosen in banks else [*banks, chosen]:
         choices.add_choice(name, label=name)
-    inputs.enum(
+    prop = inputs.enum(
         "bank_name",
         choices.values(),
         required=True,
@@ -85,48 +101,69 @@ def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:
         label="Memory bank",
         view=choices,
     )
-    return ctx.params.get("bank_name", banks[-1])
+    mark_invalid(prop, refusal(lambda: api.require_bank(ctx.dataset, chosen)))
+    return chosen if chosen in banks else None
 
 
 def tag_choice(
     ctx: foo.ExecutionContext, inputs: types.Object, name: str, default: str, **kwargs: Any
-) -> None:
+) -> types.Property:
     """A free-text tag with the dataset's existing sample and label tags as suggestions."""
     tags = set(ctx.dataset.distinct("tags")) | set(ctx.dataset.count_label_tags())
     choices = types.AutocompleteView()
     for tag in sorted(tags | {default}):
         choices.add_choice(tag, label=tag)
-    inputs.str(name, default=default, view=choices, **kwargs)
+    return inputs.str(name, default=default, view=choices, **kwargs)
 
 
 def classes_choice(
     ctx: foo.ExecutionContext, inputs: types.Object, gt_field: str | None, description: str
-) -> None:
+) -> types.Property:
     """An optional multi-select of the classes found in ``gt_field`` (empty: all)."""
     classes = ctx.dataset.distinct(f"{gt_field}.detections.label") if gt_field else []
     choices = types.AutocompleteView(allow_duplicates=False)
     for name in classes:
         choices.add_choice(name, label=name)
-    inputs.list("classes", types.String(), label="Classes", description=description, view=choices)
+    return inputs.list(
+        "classes", types.String(), label="Classes", description=description, view=choices
+    )
 
 
 def run_with_progress(
     ctx: foo.ExecutionContext,
+    title: str,
     steps: Iterator[tuple[float, str]],
     outputs: Callable[[], types.Property],
+    words: Words | None = None,
 ) -> dict[str, Any] | Iterator:
     """Runs an ``api.iter_*`` step generator and reports its progress where the user sees it.
 
-    Delegated: progress goes to the run's record and the summary is returned (the Runs page
-    shows it). Immediate: a generator of App progress-bar messages that ends by showing the
-    summary, since a generator operator's return value is dropped by FiftyOne.
+    Delegated: progress goes to the run's record and the summary is returned (``fiftyone
+    delegated info`` shows both); a failure is recorded there as one sentence, then raised so
+    the run is marked failed. Immediate: a generator of App progress-bar messages that ends by
+    showing the summary (a generator operator's return value is dropped by FiftyOne), or the
+    failure as one sentence (the App would otherwise show nothing).
     """
     if ctx.delegated:
+        return _drive_delegated(ctx, title, steps, words)
+    return _stream(ctx, title, steps, outputs, words)
+
+
+def _drive_delegated(ctx: foo.ExecutionContext, title: str, steps: Iterator, words) -> Any:
+    try:
         return api.drive_steps(steps, lambda f, label: ctx.set_progress(progress=f, label=label))
-    return _stream(ctx, steps, outputs)
+    except Exception as error:
+        ctx.set_progress(label=f"{title} failed: {messages.sentence(error, words)}")
+        raise
 
 
-def _stream(ctx: foo.ExecutionContext, steps: Iterator, outputs: Callable[[], types.Property]):
+def _stream(
+    ctx: foo.ExecutionContext,
+    title: str,
+    steps: Iterator,
+    outputs: Callable[[], types.Property],
+    words: Words | None,
+):
     try:
         while True:
             try:
@@ -135,7 +172,81 @@ def _stream(ctx: foo.ExecutionContext, steps: Iterator, outputs: Callable[[], ty
                 summary = done.value
                 break
             yield ctx.ops.set_progress(progress=fraction, label=label)
+    except Exception as error:
+        yield from show_failure(ctx, title, error, words)
+        return
     finally:
         steps.close()  # a cancelled run still writes what it finished
     yield ctx.ops.show_output(outputs().to_json(), summary)
     yield ctx.ops.reload_dataset()
+
+
+def show_failure(
+    ctx: foo.ExecutionContext, title: str, error: BaseException, words: Words | None = None
+) -> Generator:
+    """App messages that show a failure as one sentence: a notification and a result dialog."""
+    text = messages.sentence(error, words)
+    yield ctx.ops.notify(f"{title} failed: {text}", variant="error")
+    yield ctx.ops.show_output(failure_outputs(title).to_json(), {"error": text})
+
+
+def titled_outputs(title: str) -> types.Object:
+    """Result fields under a title: the App's ``show_output`` dialog shows no view label."""
+    outputs = types.Object()
+    outputs.view("title", types.Header(label=title, divider=True))
+    return outputs
+
+
+def failure_outputs(title: str) -> types.Property:
+    outputs = titled_outputs(f"{title} failed")
+    outputs.str("error", label="What went wrong", view=types.Error(label="What went wrong"))
+    return types.Property(outputs, view=types.View(label=f"{title} failed"))
+
+
+def reporting_failures(
+    ctx: foo.ExecutionContext, title: str, work: Callable[[], Any], words: Words | None = None
+) -> Any:
+    """Runs a non-generator operator's work so that a failure reaches the user as one sentence.
+
+    Immediate: the App would show the raw traceback, so the failure is returned as
+    ``{"error": sentence}`` (``resolve_output`` shows it, see ``outputs_or_failure``) and
+    notified. Delegated: recorded on the run as its progress label, then raised so the run is
+    marked failed.
+    """
+    try:
+        return work()
+    except Exception as error:
+        text = messages.sentence(error, words)
+        if ctx.delegated:
+            ctx.set_progress(label=f"{title} failed: {text}")
+            raise
+        ctx.ops.notify(f"{title} failed: {text}", variant="error")
+        return {"error": text}
+
+
+def outputs_or_failure(
+    ctx: foo.ExecutionContext, title: str, outputs: Callable[[], types.Property]
+) -> types.Property:
+    """``resolve_output`` of an operator run through ``reporting_failures``."""
+    if isinstance(ctx.results, dict) and "error" in ctx.results:
+        return failure_outputs(title)
+    return outputs()
+
+
+# -- refusals shown in the form, before Execute ---------------------------------------------
+
+
+def refusal(check: Callable[[], Any], words: Words | None = None) -> str | None:
+    """The message of an API check that refuses the current inputs, in the form's words."""
+    try:
+        check()
+    except NTTError as error:
+        return messages.in_form_words(str(error), words)
+    return None
+
+
+def mark_invalid(prop: types.Property, message: str | None) -> None:
+    """Shows ``message`` on the field and disables Execute (nothing when ``message`` is None)."""
+    if message:
+        prop.invalid = True
+        prop.error_message = message

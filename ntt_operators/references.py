@@ -64,6 +64,9 @@ class SampleReferences(foo.Operator):
         return types.Property(inputs, view=types.View(label="Sample references"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
+        return forms.reporting_failures(ctx, "Sample references", lambda: self._run(ctx))
+
+    def _run(self, ctx: foo.ExecutionContext) -> dict:
         picks = api.sample_references(
             ctx.target_view(),
             ctx.params["gt_field"],
@@ -84,10 +87,14 @@ class SampleReferences(foo.Operator):
         }
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
-        outputs = types.Object()
-        outputs.str("tag", label="Tag")
-        table = types.TableView()
-        table.add_column("class", label="Class")
-        table.add_column("count", label="References")
-        outputs.list("references", types.Object(), label="References per class", view=table)
-        return types.Property(outputs, view=types.View(label="References sampled"))
+        return forms.outputs_or_failure(ctx, "Sample references", _sampled_outputs)
+
+
+def _sampled_outputs() -> types.Property:
+    outputs = types.Object()
+    outputs.str("tag", label="Tag")
+    table = types.TableView()
+    table.add_column("class", label="Class")
+    table.add_column("count", label="References")
+    outputs.list("references", types.Object(), label="References per class", view=table)
+    return types.Property(outputs, view=types.View(label="References sampled"))

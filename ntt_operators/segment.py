@@ -27,6 +27,12 @@ DEFAULTS = {
     "num_actors": 2,
     "gpus_per_actor": None,
 }
+WORDS = {
+    "overwrite": "Replace the field if it exists",
+    "skip_done": "Skip samples already done",
+    "rescore": "Update the field in place (keeps your tags)",
+}
+"""How the form names the API's options, for refusals shown in the App."""
 
 
 class SegmentWithReferences(foo.Operator):
@@ -45,13 +51,28 @@ class SegmentWithReferences(foo.Operator):
         inputs = types.Object()
         inputs.view_target(ctx, action_description="Segment")
         bank_name = forms.memory_bank(ctx, inputs)
-        inputs.str(
+        output_field = inputs.str(
             "label_field",
             default=DEFAULTS["label_field"],
             required=True,
             label="Output field",
             description="A new fo.Detections field; the ground truth is never written",
         )
+        if bank_name:
+            forms.mark_invalid(
+                output_field,
+                forms.refusal(
+                    lambda: api.check_output_field(
+                        ctx.dataset,
+                        bank_name,
+                        forms.param(ctx, DEFAULTS, "label_field"),
+                        forms.param(ctx, DEFAULTS, "overwrite"),
+                        forms.param(ctx, DEFAULTS, "skip_done"),
+                        forms.param(ctx, DEFAULTS, "rescore"),
+                    ),
+                    WORDS,
+                ),
+            )
         forms.tag_choice(
             ctx,
             inputs,
@@ -64,18 +85,18 @@ class SegmentWithReferences(foo.Operator):
         inputs.bool(
             "skip_done",
             default=DEFAULTS["skip_done"],
-            label="Skip samples already done",
+            label=WORDS["skip_done"],
             description="Continue an interrupted run into the same field",
         )
         inputs.bool(
             "overwrite",
             default=DEFAULTS["overwrite"],
-            label="Replace the field if it exists",
+            label=WORDS["overwrite"],
         )
         inputs.bool(
             "rescore",
             default=DEFAULTS["rescore"],
-            label="Update the field in place (keeps your tags)",
+            label=WORDS["rescore"],
             description="Re-score the targets into this plugin's existing field: predictions "
             "that persist keep their id and tags (e.g. 'negative'), only changed samples are "
             "written, references are left alone",
@@ -111,10 +132,14 @@ class SegmentWithReferences(foo.Operator):
                     f"({models['weights']} weights), as recorded with the bank"
                 ),
             )
-            _warn_about_output_field(ctx, inputs, recorded["gt_field"])
         return types.Property(inputs, view=types.View(label="Segment with references"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
+        return forms.run_with_progress(
+            ctx, "Segment with references", self._steps(ctx), segment_outputs, WORDS
+        )
+
+    def _steps(self, ctx: foo.ExecutionContext) -> Iterator:
         bank_name = ctx.params["bank_name"]
         config = NTTConfig.from_dict(api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"])
         if forms.param(ctx, DEFAULTS, "device"):
@@ -135,7 +160,7 @@ class SegmentWithReferences(foo.Operator):
             reuse_proposals=forms.param(ctx, DEFAULTS, "reuse_proposals"),
             rescore=forms.param(ctx, DEFAULTS, "rescore"),
         )
-        return forms.run_with_progress(ctx, _with_failure_rows(steps), segment_outputs)
+        return (yield from _with_failure_rows(steps))
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         return segment_outputs()
@@ -186,26 +211,6 @@ def _backend_fields(ctx: foo.ExecutionContext, inputs: types.Object) -> None:
     )
 
 
-def _warn_about_output_field(
-    ctx: foo.ExecutionContext, inputs: types.Object, gt_field: str
-) -> None:
-    """Says in the form what execution would refuse, before the user runs it."""
-    field = forms.param(ctx, DEFAULTS, "label_field")
-    modes = [forms.param(ctx, DEFAULTS, k) for k in ("overwrite", "skip_done", "rescore")]
-    if field == gt_field:
-        message = f"'{field}' is the bank's ground truth: it is never written, pick a new name"
-    elif ctx.dataset.has_sample_field(field) and not any(modes):
-        message = (
-            f"'{field}' exists: update it in place, replace it, skip the samples already done, "
-            "or rename"
-        )
-    elif sum(modes) > 1:
-        message = "Choose one of: update in place, replace, skip the samples already done"
-    else:
-        return
-    inputs.view("field_warning", types.Warning(label=message))
-
-
 def _with_failure_rows(steps: Iterator) -> Iterator:
     """The summary with failures as table rows, which the App can display."""
     summary = yield from steps
@@ -217,7 +222,7 @@ def _with_failure_rows(steps: Iterator) -> Iterator:
 
 
 def segment_outputs() -> types.Property:
-    outputs = types.Object()
+    outputs = forms.titled_outputs("Segmentation done")
     outputs.str("label_field", label="Output field")
     outputs.str("bank_name", label="Memory bank")
     outputs.int("processed", label="Samples segmented")
@@ -249,4 +254,6 @@ class ClearProposalCache(foo.Operator):
         return types.Property(inputs, view=types.View(label="Clear cached proposals"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:
-        return {"removed": clear_proposal_cache(ctx.dataset)}
+        return forms.reporting_failures(
+            ctx, "Clear cached proposals", lambda: {"removed": clear_proposal_cache(ctx.dataset)}
+        )

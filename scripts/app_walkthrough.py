@@ -6,97 +6,38 @@ It builds a throwaway dataset of generated scenes (``ntt_core.synthetic``) in it
 database, runs the plugin's four steps through its operators (sample references -> build memory
 bank -> segment with references -> evaluate segmentations) with the tiny random-weight models,
 launches the App and photographs it: the grid (``app-walkthrough.png``), the operator browser
-(``app-operators.png``), the segment form (``app-segment-form.png``) and the evaluation patches
-(``app-eval-patches.png``). Random weights make the predicted masks meaningless; the pictures
-show the workflow, not the method's quality.
+(``app-operators.png``), the segment form (``app-segment-form.png``), a refusal in the build
+form (``app-build-refusal.png``) and the evaluation patches (``app-eval-patches.png``). Random
+weights make the predicted masks meaningless; the pictures show the workflow, not the method's
+quality.
 
-Dev tools for this script only (not in requirements.txt): Debian's Chromium and Playwright's
-Python client, never ``playwright install`` (which downloads browsers)::
-
-    apt-get install -y chromium
-    .venv/bin/pip install playwright==1.65.2 torch==2.14.1 torchvision==0.29.1
+It needs what the browser suite needs (``scripts/install.sh`` installs both): Debian's Chromium
+and Playwright's Python client from ``requirements-dev.txt``, never ``playwright install``
+(which downloads browsers).
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import io
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ntt_operators import sandbox  # noqa: E402  (imports no fiftyone)
+
 PLUGIN = "@ntt/no_time_to_train"
 CLASSES = ("disc", "square", "triangle")
 NUM_IMAGES = 12
 IMAGE_SIZE = (240, 320)  # (H, W)
 VIEWPORT = {"width": 1280, "height": 800}
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 MAX_BYTES = 400_000
 OPERATOR_QUERY = "no_time_to_train"
 COLORS = {"ground_truth": "#ffd400", "ntt_predictions": "#ff2d55"}
-
-
-def isolate(work: Path) -> subprocess.Popen:
-    """Private FiftyOne settings and our own mongod; must run before fiftyone is imported.
-
-    FiftyOne's spawned database service is machine-wide (another process attaches to a running
-    one whatever its FIFTYONE_DATABASE_DIR), so the script starts a mongod of its own.
-    """
-    os.environ["FIFTYONE_DATABASE_DIR"] = str(work / "db")
-    os.environ["FIFTYONE_DATABASE_NAME"] = f"ntt-walkthrough-{uuid.uuid4().hex[:8]}"
-    os.environ["FIFTYONE_PLUGINS_DIR"] = str(work / "plugins")
-    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
-    os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
-    os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
-    os.environ["FIFTYONE_MODEL_ZOO_DIR"] = str(work / "models")
-    os.environ["NTT_CACHE_DIR"] = str(work / "ntt-cache")
-    (work / "plugins").mkdir(parents=True)
-    (work / "plugins" / "ntt").symlink_to(ROOT, target_is_directory=True)
-
-    mongod = Path(importlib.util.find_spec("fiftyone").origin).parent / "db/bin/mongod"
-    port = free_port()
-    (work / "db" / "log").mkdir(parents=True)
-    process = subprocess.Popen(
-        [str(mongod), "--dbpath", str(work / "db"), "--port", str(port), "--bind_ip",
-         "127.0.0.1", "--nounixsocket", "--logpath", str(work / "db" / "log" / "mongo.log")],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    if not wait_for_port(port, 60):
-        process.kill()
-        raise RuntimeError("private mongod did not start")
-    os.environ["FIFTYONE_DATABASE_URI"] = f"mongodb://127.0.0.1:{port}"
-    return process
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as client:
-            if client.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.3)
-    return False
 
 
 def log(message: str) -> None:
@@ -199,9 +140,7 @@ def photograph(session, dataset, eval_key: str, url: str, out: Path, wait: float
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-            headless=True,
-            args=CHROMIUM_ARGS,
+            executable_path=sandbox.chromium_path(), headless=True, args=sandbox.CHROMIUM_ARGS
         )
         try:
             page = browser.new_page(viewport=VIEWPORT)
@@ -246,6 +185,22 @@ def photograph(session, dataset, eval_key: str, url: str, out: Path, wait: float
             page.keyboard.press("Escape")
             page.wait_for_timeout(500)
 
+            # A refusal as the form shows it: the bank name is taken, Execute is disabled.
+            page.keyboard.press("`")
+            page.wait_for_timeout(1000)
+            page.keyboard.type("Build memory bank")
+            page.wait_for_timeout(1500)
+            page.keyboard.press("Enter")
+            page.get_by_text("Bank name", exact=True).first.wait_for(timeout=60_000)
+            name = page.locator("input[value='ntt_bank']").first
+            name.fill("bank_2shot")
+            name.press("Tab")
+            page.get_by_text("already exists", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text("already exists", exact=False).first.scroll_into_view_if_needed()
+            save(page, out / "app-build-refusal.png")
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(500)
+
             # The evaluation patches: every TP/FP/FN in the grid.
             session.view = dataset.to_evaluation_patches(eval_key)
             page.wait_for_timeout(wait * 1000)
@@ -262,13 +217,12 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ntt-walkthrough-"))
-    mongod = isolate(work)
+    mongod = sandbox.isolate(work, ROOT, name="ntt-walkthrough")
     # Registered before fiftyone is imported, so these run after FiftyOne's own exit handlers
     # (which still talk to the database): stop our mongod, then delete the scratch folder.
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     atexit.register(mongod.wait, timeout=30)
     atexit.register(mongod.terminate)
-    sys.path.insert(0, str(ROOT))
     session = None
     try:
         import fiftyone as fo
@@ -276,9 +230,9 @@ def main() -> int:
         dataset = make_dataset(work)
         eval_key = run_the_four_steps(dataset)
         log(f"{dataset.count('ntt_predictions.detections')} predicted instances")
-        if wait_for_port(args.port, 0.5):
+        if sandbox.wait_for_port(args.port, 0.5):
             log(f"port {args.port} is taken; using another")
-            args.port = free_port()
+            args.port = sandbox.free_port()
         colors = fo.ColorScheme(
             color_by="field",
             opacity=0.45,
@@ -293,7 +247,7 @@ def main() -> int:
             color_scheme=colors,
         )
         url = f"http://127.0.0.1:{args.port}/"
-        if not wait_for_port(args.port, 60):
+        if not sandbox.wait_for_port(args.port, 60):
             raise RuntimeError(f"the App did not start on {url}")
         args.out.mkdir(parents=True, exist_ok=True)
         photograph(session, dataset, eval_key, url, args.out, args.wait)

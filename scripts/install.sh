@@ -3,6 +3,12 @@
 # torch is pinned on every pip call: an unpinned one would pull another multi-GB build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The browser suite's Chromium comes from Debian (Playwright drives it; `playwright install`
+# is never used). Only when missing, and only where we may install system packages.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    || echo "install.sh: chromium could not be installed; the browser tests will be skipped" >&2
+fi
 PY=${PYTHON:-python3}
 STAMP=.venv/.ntt-installed
 HASH=$("$PY" -c 'import hashlib, sys

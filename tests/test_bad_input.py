@@ -33,9 +33,20 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 
 def run(name: str, dataset: fo.Dataset, **params):
-    """Runs one of the plugin's operators immediately, as the App does."""
+    """Runs one of the plugin's operators immediately, as the App does.
+
+    A failure is raised with the sentence the App shows (operators report failures to the App
+    instead of raising, which FiftyOne would swallow or show as a traceback).
+    """
     ctx = {"view": dataset.view(), "params": params}
-    return foo.execute_operator(f"@ntt/no_time_to_train/{name}", ctx=ctx).result
+    result = foo.execute_operator(f"@ntt/no_time_to_train/{name}", ctx=ctx)
+    shown = [
+        r.params["results"] for r in result.executor._requests if r.operator_uri == "show_output"
+    ]
+    for failure in [*shown, result.result]:
+        if isinstance(failure, dict) and "error" in failure:
+            raise ExecutionError(failure["error"])
+    return result.result
 
 
 def snapshot(dataset: fo.Dataset) -> tuple:

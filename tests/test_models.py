@@ -280,12 +280,20 @@ def test_registry_name_uses_cached_file_without_downloading(cache, offline, sam2
     )
 
 
+class _Response(io.BytesIO):
+    """What urlopen returns, as far as a download reads it."""
+
+    def __init__(self, body: bytes, send_length: bool = True) -> None:
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body))} if send_length else {}
+
+
 def test_download_is_atomic_into_the_cache(cache, monkeypatch):
     requested = []
 
     def serve(url, timeout=None):
         requested.append(url)
-        return io.BytesIO(b"checkpoint bytes")
+        return _Response(b"checkpoint bytes")
 
     monkeypatch.setattr(registry, "urlopen", serve)
     path = resolve_checkpoint("dinov2_vits14")
@@ -293,6 +301,25 @@ def test_download_is_atomic_into_the_cache(cache, monkeypatch):
     assert path.read_bytes() == b"checkpoint bytes"
     assert requested == [CHECKPOINTS["dinov2_vits14"].url]
     assert list(cache.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("send_length", [True, False])
+def test_download_reports_each_chunk_with_the_total_when_known(
+    cache, monkeypatch, tmp_path, send_length
+):
+    body = bytes(range(256)) * 10_000  # 2.56 MB: three chunks of at most 1 MiB
+    monkeypatch.setattr(registry, "urlopen", lambda url, timeout=None: _Response(body, send_length))
+    heard = []
+    registry.download_file(
+        "https://example.org/x.pt", tmp_path / "x.pt", progress=lambda *args: heard.append(args)
+    )
+    total = len(body) if send_length else None
+    assert heard == [
+        ("x.pt", 1 << 20, total),
+        ("x.pt", 2 << 20, total),
+        ("x.pt", len(body), total),
+    ]
+    assert (tmp_path / "x.pt").read_bytes() == body
 
 
 def test_offline_download_explains_where_to_put_the_file(cache, offline):

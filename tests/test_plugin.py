@@ -186,7 +186,8 @@ def test_build_memory_bank_immediately_and_inspect_it(scene_dataset):
     assert info["name"] == "b1" and "random weights" in info["encoder"]
     assert [row["class"] for row in info["quality"]] == ["disc", "square"]
 
-    run("delete_memory_bank", scene_dataset, bank_name="b1")
+    deleted = run("delete_memory_bank", scene_dataset, bank_name="b1", confirm=True)
+    assert deleted == {"deleted": "b1", "contents": "2 references of disc, square"}
     assert api.list_memory_banks(scene_dataset) == []
 
 
@@ -395,7 +396,7 @@ def test_evaluate_reports_per_class_and_opens_patches(banked):
         (lambda d: api.segment(d, "bank", "filepath"), "does not hold fo.Detections"),
         (lambda d: api.segment(d, "bank", "not a field"), "top-level field name"),
         (lambda d: api.segment(d, "nope", "pred"), "No memory bank named 'nope'"),
-        (lambda d: api.segment(d, "bank", "pred", overwrite=True, skip_done=True), "Choose one"),
+        (lambda d: api.segment(d, "bank", "pred", overwrite=True, skip_done=True), "choose one"),
         (lambda d: api.build_memory_bank(d, "ground_truth", "bad name"), "not valid"),
         (lambda d: api.build_memory_bank(d, "ground_truth", "bank"), "already exists"),
         (lambda d: api.build_memory_bank(d, "metadata", "b"), "not an fo.Detections field"),

@@ -17,6 +17,8 @@ return the result, so the App can stream a progress bar without threads.
 from .bank import (
     NO_FIELD_ROUTE,
     build_memory_bank,
+    check_new_bank_name,
+    check_references,
     delete_memory_bank,
     iter_build_memory_bank,
     iter_update_memory_bank,
@@ -32,10 +34,19 @@ from .common import (
     detection_fields,
     drive_steps,
     list_memory_banks,
+    require_bank,
 )
-from .evaluate import class_report, evaluate, fields_without_masks
+from .evaluate import (
+    check_evaluation,
+    class_report,
+    evaluate,
+    fields_without_masks,
+    left_out_tag,
+    segmented_samples,
+)
 from .references import reference_view, sample_references
 from .segment import (
+    check_output_field,
     iter_segment,
     segment,
     segment_run_key,
@@ -49,6 +60,10 @@ __all__ = [
     "SEGMENT_METHOD",
     "PluginInputError",
     "build_memory_bank",
+    "check_evaluation",
+    "check_new_bank_name",
+    "check_output_field",
+    "check_references",
     "class_report",
     "delete_memory_bank",
     "detection_fields",
@@ -58,15 +73,18 @@ __all__ = [
     "iter_build_memory_bank",
     "iter_segment",
     "iter_update_memory_bank",
+    "left_out_tag",
     "list_memory_banks",
     "load_memory_bank",
     "memory_bank_config",
     "memory_bank_info",
     "reference_view",
+    "require_bank",
     "sample_references",
     "segment",
     "segment_run_key",
     "segment_status",
+    "segmented_samples",
     "segmented_fields",
     "update_memory_bank",
 ]

@@ -31,6 +31,7 @@ from .common import (
     Steps,
     detection_fields,
     drive_steps,
+    load_predictor,
     require_bank,
     require_detections_field,
     require_free_run_key,
@@ -99,8 +100,8 @@ def iter_build_memory_bank(
         classes=list(classes) if classes else None,
     )
     sources.check(dataset_or_view)
-    require_run_key(bank_name, "Bank name")
-    require_free_run_key(dataset, bank_name, BANK_METHOD, overwrite, "memory bank")
+    check_new_bank_name(dataset, bank_name, overwrite)
+    check_references(dataset_or_view, sources.ref_fields, ref_tag, tag_type, classes)
     config = config or NTTConfig()
     wanted = collect_entries(dataset_or_view, sources)
     bank, encoded, box_only = yield from _assemble(
@@ -330,7 +331,7 @@ def _assemble(
     if todo:
         # A build checks every checkpoint now (segmentation will use them); an update, whose
         # config was checked at build time, loads SAM2 only for box-only labels.
-        predictor = NTTPredictor(config, load=previous is None)
+        predictor = yield from load_predictor(config, load=previous is None)
         box_masks = _masks_from_boxes(predictor, [e.instance for e in todo])
         given = full_masks or {}
         references = [
@@ -431,6 +432,47 @@ def _describe(bank: MemoryBank) -> str:
     return f"{len(bank)} references{negatives}, {len(bank.classes)} classes"
 
 
+def check_new_bank_name(dataset: fo.Dataset, bank_name: str, overwrite: bool) -> None:
+    """Refuses a bank name that is not a valid run key, or taken without ``overwrite``."""
+    require_run_key(bank_name, "Bank name")
+    require_free_run_key(dataset, bank_name, BANK_METHOD, overwrite, "memory bank")
+
+
+def check_references(
+    dataset_or_view: Collection,
+    gt_field: FieldOrFields,
+    ref_tag: str,
+    tag_type: str,
+    classes: list[str] | None = None,
+) -> list[str]:
+    """Refuses a build with no reference tagged, or a requested class without one; returns the
+    classes the bank will hold (all tagged ones when ``classes`` is empty)."""
+    fields = _field_list(gt_field)
+    present = sorted(
+        {
+            label
+            for name in fields
+            for label in reference_view(dataset_or_view, name, ref_tag, tag_type).distinct(
+                f"{name}.detections.label"
+            )
+        }
+    )
+    where = repr(fields[0]) if len(fields) == 1 else str(fields)
+    if not present:
+        what = "sample" if tag_type == "sample" else f"{' or '.join(fields)} label"
+        raise ReferenceInputError(
+            f"No reference found: no {what} is tagged {ref_tag!r}. Tag references first (in the "
+            "App, or with 'Sample references'), or pick the tag and tag type you used"
+        )
+    missing = [c for c in classes or [] if c not in present]
+    if missing:
+        raise ReferenceInputError(
+            f"Class(es) {missing} have no reference tagged {ref_tag!r} in {where}; "
+            f"tag at least one instance of each, or leave them out (tagged: {present})"
+        )
+    return list(classes) if classes else present
+
+
 def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.ndarray]:
     """SAM2 masks of the box-only instances, by position; each image is embedded once."""
     by_image: dict[str, list[int]] = {}
@@ -478,9 +520,15 @@ def memory_bank_config(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
     return config
 
 
-def delete_memory_bank(dataset: fo.Dataset, bank_name: str) -> None:
-    require_bank(dataset, bank_name)
+def delete_memory_bank(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
+    """Deletes the bank; returns what was removed (fields segmented with it are kept)."""
+    recorded = memory_bank_config(dataset, bank_name)
     dataset.delete_run(bank_name)
+    return {
+        "deleted": bank_name,
+        "classes": list(recorded["classes"]),
+        "num_references": recorded["num_references"],
+    }
 
 
 def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
@@ -517,6 +565,7 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
         "references_per_class": bank.references_per_class,
         "num_references": len(bank),
         "encoder": bank.encoder,
+        "sam_model": recorded["ntt_config"]["sam_model"],
         "encoder_image_size": bank.encoder_image_size,
         "gt_field": recorded["gt_field"],
         "ref_fields": sources.ref_fields,

@@ -6,12 +6,14 @@ before anything in the dataset changes.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fiftyone as fo
 
-from ntt_core import NTTError
+from ntt_core import NTTConfig, NTTError, NTTPredictor
 from ntt_core.errors import BankError
 
 Collection = fo.core.collections.SampleCollection
@@ -20,6 +22,7 @@ Steps = Generator[tuple[float, str], None, Any]
 
 BANK_METHOD = "ntt_memory_bank"
 SEGMENT_METHOD = "ntt_segment"
+_POLL_S = 0.5
 
 
 class PluginInputError(NTTError, ValueError):
@@ -41,6 +44,26 @@ def drive_steps(steps: Steps, progress: Progress | None) -> Any:
         # An interrupted caller (an exception in ``progress``, Ctrl-C) still lets the steps
         # clean up now, e.g. write the samples already segmented.
         steps.close()
+
+
+def load_predictor(
+    config: NTTConfig, load: bool = True
+) -> Generator[tuple[float, str], None, NTTPredictor]:
+    """Builds the predictor in a worker thread, yielding what loading does as it goes.
+
+    Loading can take minutes (a checkpoint download); the App's progress bar and the CLI show
+    each label ("Downloading sam2.1_hiera_large.pt: 120.0 / 898.1 MB") instead of freezing.
+    ``load=False`` defers each model to its first use (see ``NTTPredictor``).
+    """
+    labels: queue.Queue[str] = queue.Queue()
+    with ThreadPoolExecutor(1, thread_name_prefix="ntt-load") as worker:
+        loading = worker.submit(NTTPredictor, config, load=load, progress=labels.put)
+        while not (loading.done() and labels.empty()):
+            try:
+                yield 0.0, labels.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return loading.result()  # re-raises what went wrong in the worker
 
 
 def root_dataset(dataset_or_view: Collection) -> fo.Dataset:
@@ -96,7 +119,8 @@ def require_free_run_key(
         raise PluginInputError(f"Run key {key!r} is taken by another kind of run; pick a new name")
     if not overwrite:
         raise PluginInputError(
-            f"A {what} named {key!r} already exists: pass overwrite=True or pick a new name"
+            f"A {what} named {key!r} already exists: set overwrite=True to replace it, or pick "
+            "a new name"
         )
 
 

@@ -7,12 +7,15 @@ from typing import Any
 import fiftyone as fo
 
 from .common import (
+    SEGMENT_METHOD,
     Collection,
     PluginInputError,
     Progress,
     require_detections_field,
     require_run_key,
+    root_dataset,
 )
+from .segment import segment_run_key
 
 
 def evaluate(
@@ -22,6 +25,8 @@ def evaluate(
     eval_key: str,
     classes: list[str] | None = None,
     progress: Progress | None = None,
+    include_unsegmented: bool = False,
+    overwrite: bool = True,
 ) -> fo.core.evaluation.EvaluationResults:
     """COCO-style evaluation on instance masks, with mAP and per-sample/per-label TP/FP/FN.
 
@@ -29,12 +34,14 @@ def evaluate(
     ``"fn"``); ``view.to_evaluation_patches(eval_key)`` shows them one by one. When either field
     has labels without a mask (boxes drawn in the App, a detector's output), the IoUs are those
     of the boxes; ``class_report`` says so.
+
+    Samples the segment run of ``pred_field`` left out (its references, by the tag it recorded)
+    are left out here too, unless ``include_unsegmented``: their objects were never predicted,
+    so they would count as missed. ``overwrite=False`` refuses an ``eval_key`` already in use.
     """
-    require_detections_field(dataset_or_view, pred_field)
-    require_detections_field(dataset_or_view, gt_field)
-    require_run_key(eval_key, "Evaluation key")
-    if pred_field == gt_field:
-        raise PluginInputError("Predictions and ground truth are the same field")
+    check_evaluation(dataset_or_view, pred_field, gt_field, eval_key, overwrite)
+    if not include_unsegmented:
+        dataset_or_view = segmented_samples(dataset_or_view, pred_field)
     unscored = dataset_or_view.count(f"{pred_field}.detections") - dataset_or_view.count(
         f"{pred_field}.detections.confidence"
     )
@@ -70,6 +77,46 @@ def fields_without_masks(collection: Collection, fields: list[str]) -> list[str]
         if with_masks < labels:
             missing.append(name)
     return missing
+
+
+def check_evaluation(
+    dataset_or_view: Collection, pred_field: str, gt_field: str, eval_key: str, overwrite: bool
+) -> None:
+    """Refuses fields and an evaluation key that cannot be evaluated (the form shows these)."""
+    require_detections_field(dataset_or_view, pred_field)
+    require_detections_field(dataset_or_view, gt_field)
+    if pred_field == gt_field:
+        raise PluginInputError(
+            f"Predictions and ground truth are the same field ({pred_field!r}); pick the field "
+            "the segmentation wrote"
+        )
+    require_run_key(eval_key, "Evaluation key")
+    dataset = root_dataset(dataset_or_view)
+    if eval_key in dataset.list_evaluations():
+        if not overwrite:
+            raise PluginInputError(
+                f"Evaluation key {eval_key!r} is in use: set overwrite=True to replace that "
+                "evaluation, or pick a new key"
+            )
+    elif eval_key in dataset.list_runs() + dataset.list_brain_runs():
+        raise PluginInputError(f"Key {eval_key!r} is taken by another kind of run; pick a new one")
+
+
+def left_out_tag(dataset_or_view: Collection, pred_field: str) -> str | None:
+    """The tag of the samples the segment run of ``pred_field`` left out (None: no record)."""
+    dataset = root_dataset(dataset_or_view)
+    run_key = segment_run_key(pred_field)
+    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+        return None
+    return dataset.get_run_info(run_key).config.exclude_tag or None
+
+
+def segmented_samples(dataset_or_view: Collection, pred_field: str) -> Collection:
+    """``dataset_or_view`` without the samples the segment run of ``pred_field`` left out."""
+    tag = left_out_tag(dataset_or_view, pred_field)
+    if tag is None:
+        return dataset_or_view
+    return dataset_or_view.match_tags(tag, bool=False).match_labels(tags=tag, bool=False)
 
 
 def class_report(results: fo.core.evaluation.EvaluationResults) -> dict[str, Any]:

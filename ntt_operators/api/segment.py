@@ -27,6 +27,7 @@ from .common import (
     Steps,
     drive_steps,
     holds_detections,
+    load_predictor,
     root_dataset,
 )
 
@@ -119,10 +120,7 @@ def iter_segment(
     bank = load_memory_bank(dataset, bank_name)
     recorded = memory_bank_config(dataset, bank_name)
     run_key = segment_run_key(label_field)
-    ref_fields = list(recorded.get("ref_fields") or [recorded["gt_field"]])
-    exists = _check_output_field(dataset, label_field, ref_fields, overwrite, skip_done, rescore)
-    if skip_done and exists:
-        _require_same_bank(dataset, run_key, label_field, bank_name)
+    exists = check_output_field(dataset, bank_name, label_field, overwrite, skip_done, rescore)
     if batch_size < 1:
         raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
     _check_backend(backend, num_actors, reuse_proposals)
@@ -160,8 +158,9 @@ def iter_segment(
         cache = ProposalCache(dataset, config) if reuse_proposals else None
         # Re-scoring cached proposals needs no model: load them only when a target is new.
         all_cached = cache is not None and len(cache.present(sample_ids)) == len(sample_ids)
-        yield 0.0, "Re-scoring cached proposals" if all_cached else "Loading models"
-        predictor = NTTPredictor(config, load=not all_cached)
+        if all_cached:
+            yield 0.0, "Re-scoring cached proposals"
+        predictor = yield from load_predictor(config, load=not all_cached)
         results = _predict_locally(predictor, bank, sample_ids, filepaths, cache, timings)
 
     # One writer per field: a second run would interleave its samples and its run record.
@@ -363,6 +362,24 @@ def _save_status(dataset: fo.Dataset, run_key: str, status: str, **counts: Any) 
     dataset.save_run_results(run_key, results, overwrite=True, cache=False)
 
 
+def check_output_field(
+    dataset: fo.Dataset,
+    bank_name: str,
+    label_field: str,
+    overwrite: bool,
+    skip_done: bool,
+    rescore: bool = False,
+) -> bool:
+    """Refuses an output field that would clobber data or mix two banks' results; returns
+    whether the field already exists. The Segment form shows the same refusal on the field."""
+    recorded = memory_bank_config(dataset, bank_name)
+    ref_fields = list(recorded.get("ref_fields") or [recorded["gt_field"]])
+    exists = _check_output_field(dataset, label_field, ref_fields, overwrite, skip_done, rescore)
+    if skip_done and exists:
+        _require_same_bank(dataset, segment_run_key(label_field), label_field, bank_name)
+    return exists
+
+
 def _check_output_field(
     dataset: fo.Dataset,
     label_field: str,
@@ -379,8 +396,8 @@ def _check_output_field(
         )
     if sum((overwrite, skip_done, rescore)) > 1:
         raise PluginInputError(
-            "overwrite, skip_done and rescore contradict each other: overwrite starts the field "
-            "afresh, skip_done continues it, rescore updates it in place. Choose one"
+            "overwrite=True starts the field afresh, skip_done=True continues it and "
+            "rescore=True updates it in place: choose one"
         )
     ours = segment_run_key(label_field) in dataset.list_runs(method=SEGMENT_METHOD)
     if label_field in ref_fields and not (rescore and ours):
@@ -403,9 +420,9 @@ def _check_output_field(
         )
     if not (overwrite or skip_done or rescore):
         raise PluginInputError(
-            f"Field {label_field!r} already exists: pass overwrite=True to replace it, "
-            "rescore=True to update it in place (keeps your tags), skip_done=True to continue "
-            "it, or pick a new name"
+            f"Field {label_field!r} already exists: set overwrite=True to replace it, "
+            "set rescore=True to update it in place (keeps your tags), set skip_done=True to "
+            "continue it, or pick a new name"
         )
     return True
 
@@ -414,11 +431,11 @@ def _require_same_bank(dataset: fo.Dataset, run_key: str, label_field: str, bank
     if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
         raise PluginInputError(
             f"Field {label_field!r} was not written by this plugin, so it cannot be continued; "
-            "use overwrite=True or a new name"
+            "set overwrite=True instead, or pick a new name"
         )
     recorded = dataset.get_run_info(run_key).config.bank_name
     if recorded != bank:
         raise PluginInputError(
             f"Field {label_field!r} was written with memory bank {recorded!r}, not {bank!r}; "
-            "continue with the same bank, or use overwrite=True or a new field"
+            "continue with the same bank, set overwrite=True instead, or pick a new name"
         )

@@ -1,0 +1,197 @@
+"""The real App in headless Chromium: one App server and one browser page per test session.
+
+The App server (``python -m fiftyone.server.main``) runs against the session's private mongod
+(``tests/conftest.py``) with scheduling enabled; Chromium is Debian's (``apt-get install
+chromium``), driven by Playwright's Python client (never a browser ``playwright install``
+downloads). Where either is missing the suite is skipped with a warning naming what to install.
+
+``CuratorApp`` is the vocabulary of the tests: open an operator by its label, fill a field by
+its label, execute or schedule, read what the page shows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import warnings
+
+import pytest
+
+from ntt_operators import sandbox
+
+TIMEOUT_MS = int(os.environ.get("NTT_BROWSER_TIMEOUT_MS", 120_000))
+"""Generous: two shared CPU cores, and the first model load happens inside the App server."""
+
+
+def _missing() -> str | None:
+    if sandbox.chromium_path() is None:
+        return "Debian's Chromium is not installed (apt-get install -y chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright's Python client is not installed (pip install -r requirements-dev.txt)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def app_url(run_dir):
+    missing = _missing()
+    if missing:
+        warnings.warn(f"THE BROWSER SUITE DID NOT RUN: {missing}", stacklevel=1)
+        pytest.skip(f"browser suite skipped: {missing}")
+    port = sandbox.free_port()
+    server = sandbox.start_app_server(port, run_dir / "app-server.log")
+    yield f"http://127.0.0.1:{port}"
+    sandbox.stop(server)
+
+
+@pytest.fixture(scope="session")
+def browser_page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=sandbox.chromium_path(), headless=True, args=sandbox.CHROMIUM_ARGS
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        yield page
+        browser.close()
+
+
+class CuratorApp:
+    """What a curator does in the App, as Playwright steps with explicit waits on visible text."""
+
+    def __init__(self, page, url: str) -> None:
+        self.page = page
+        self.url = url
+
+    # -- navigation ---------------------------------------------------------------------------
+
+    def open_dataset(self, name: str) -> None:
+        self.page.goto(f"{self.url}/datasets/{name}", wait_until="load")
+        self.page.get_by_text("ground_truth", exact=True).first.wait_for()
+        dismiss = self.page.get_by_text("Dismiss", exact=True)  # the "Explore Enterprise" pop-up
+        if dismiss.count():
+            dismiss.first.click()
+
+    def reload(self) -> None:
+        self.page.reload(wait_until="load")
+        self.page.get_by_text("ground_truth", exact=True).first.wait_for()
+
+    def open_operator(self, label: str) -> None:
+        """The operator browser (backtick), filtered to ``label``, then its form."""
+        self.close_dialogs()
+        self.page.keyboard.press("`")
+        self.page.keyboard.type(label)
+        self.page.get_by_text(label, exact=True).first.wait_for()
+        self.page.keyboard.press("Enter")
+        self.dialog.get_by_text(label, exact=True).first.wait_for()
+
+    def close_dialogs(self) -> None:
+        for _ in range(3):
+            if not self.page.locator("[role=dialog]").count():
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(300)
+
+    @property
+    def dialog(self):
+        return self.page.locator("[role=dialog]").last
+
+    # -- the form -----------------------------------------------------------------------------
+
+    def field(self, label: str):
+        """The input of the form field whose label reads ``label``."""
+        box = self.dialog.locator("div.MuiGrid-item").filter(
+            has=self.page.locator("p", has_text=re.compile(f"^{re.escape(label)}$"))
+        )
+        return box.last.locator("input").first
+
+    def fill(self, label: str, value: str) -> None:
+        """Types ``value`` into a text field, then waits for the form to be resolved again."""
+        field = self.field(label)
+        field.fill(value)
+        field.press("Tab")
+        self.settle()
+
+    def add_value(self, label: str, value: str) -> None:
+        """Adds ``value`` to a list field (type, then Enter)."""
+        field = self.field(label)
+        field.fill(value)
+        field.press("Enter")
+        self.settle()
+
+    def choose_option(self, label: str, value: str) -> None:
+        """Picks ``value`` in a dropdown field."""
+        box = self.dialog.locator("div.MuiGrid-item").filter(
+            has=self.page.locator("p", has_text=re.compile(f"^{re.escape(label)}$"))
+        )
+        box.last.locator("[role=combobox]").first.click()
+        self.page.get_by_role("option", name=value, exact=True).click()
+        self.settle()
+
+    def tick(self, label: str, checked: bool = True) -> None:
+        # A checkbox's accessible name is its label followed by its description.
+        box = self.dialog.get_by_label(re.compile(f"^{re.escape(label)}"))
+        box.set_checked(checked)
+        self.settle()
+
+    def choose(self, label: str) -> None:
+        """Clicks a radio choice by its label."""
+        self.dialog.get_by_text(label, exact=True).first.click()
+        self.settle()
+
+    def settle(self) -> None:
+        # A dynamic form is re-resolved by the server after each change; no event says when
+        # the new form is in, so allow the round trip.
+        self.page.wait_for_timeout(1500)
+
+    def expect_text(self, text: str, timeout: float = TIMEOUT_MS) -> None:
+        self.page.get_by_text(text, exact=False).first.wait_for(timeout=timeout)
+
+    def dialog_text(self) -> str:
+        return self.dialog.inner_text()
+
+    # -- execution ----------------------------------------------------------------------------
+
+    @property
+    def execute_button(self):
+        return self.dialog.get_by_role("button", name=re.compile("^(Execute|Schedule)$")).first
+
+    def execute_enabled(self) -> bool:
+        return self.execute_button.is_enabled()
+
+    def execute(self) -> None:
+        """Runs the form immediately (the Execute choice of the Execute/Schedule menu)."""
+        self._run_as("Execute")
+
+    def schedule(self) -> None:
+        """Queues the form as a delegated run (the Schedule choice)."""
+        self._run_as("Schedule")
+
+    def _run_as(self, choice: str) -> None:
+        button = self.execute_button
+        if button.inner_text().strip() != choice:
+            self.dialog.locator("button").last.click()  # the arrow of the split button
+            self.page.get_by_role("menuitem").filter(has_text=choice).first.click()
+            self.page.wait_for_timeout(300)
+        self.execute_button.click()
+
+
+@pytest.fixture(scope="session")
+def curator(browser_page, app_url) -> CuratorApp:
+    return CuratorApp(browser_page, app_url)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, a screenshot of the page in $NTT_BROWSER_ARTIFACTS (if set), to see why."""
+    outcome = yield
+    report = outcome.get_result()
+    folder = os.environ.get("NTT_BROWSER_ARTIFACTS")
+    app = item.funcargs.get("app") or item.funcargs.get("curator")
+    page = getattr(app, "page", None)
+    if report.failed and folder and page is not None:
+        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(pathlib.Path(folder) / f"{item.name}.png"))

@@ -1,0 +1,155 @@
+"""What the App user reads: refusals in the forms' words, failures as one sentence, progress.
+
+The browser suite (``tests/browser``) checks the same on the rendered page; these check the
+operator side through FiftyOne's executor, quickly.
+"""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import pytest
+import torch
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionError
+
+from ntt_core import NTTConfig
+from ntt_core.errors import BankError
+from ntt_operators import api, messages
+
+PLUGIN = "@ntt/no_time_to_train"
+TINY = NTTConfig.tiny(weights="random", device="cpu")
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture
+def banked(scene_dataset):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    return scene_dataset
+
+
+def execute(name, dataset, delegated=False, **params):
+    return foo.execute_operator(
+        f"{PLUGIN}/{name}",
+        ctx={"dataset": dataset, "params": params},
+        request_delegation=delegated,
+    )
+
+
+def test_refusals_name_the_forms_options_in_the_app_and_the_api_options_in_python(banked):
+    api.segment(banked.limit(1), "bank", "pred", exclude_tag=None)
+    with pytest.raises(api.PluginInputError, match="set overwrite=True to replace it"):
+        api.segment(banked, "bank", "pred")
+    # The form refuses the same inputs before Execute, in its own words.
+    with pytest.raises(ExecutionError) as refused:
+        execute("segment_with_references", banked, bank_name="bank", label_field="pred")
+    assert (
+        "Field 'pred' already exists: tick 'Replace the field if it exists' to replace it, "
+        "tick 'Skip samples already done' to continue it, or pick a new name"
+    ) in str(refused.value)
+    assert "overwrite=True" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"bank_name": ""}, "Bank name '' is not valid"),
+        ({"bank_name": "bank"}, "tick 'Replace a bank of that name' to replace it"),
+        ({"ref_tag": "nothing"}, "No reference found: no ground_truth label is tagged 'nothing'"),
+        ({"classes": ["triangle"]}, "Class(es) ['triangle'] have no reference tagged"),
+    ],
+)
+def test_build_form_refuses_before_execute(banked, params, message):
+    params = {"gt_field": "ground_truth", "bank_name": "b2", **params}
+    with pytest.raises(ExecutionError) as refused:
+        execute("build_memory_bank", banked, **params)
+    assert message in str(refused.value)
+    assert api.list_memory_banks(banked) == ["bank"]
+
+
+def test_no_bank_yet_cannot_be_executed(scene_dataset):
+    for name in ("get_memory_bank_info", "delete_memory_bank", "segment_with_references"):
+        with pytest.raises(ExecutionError, match="Path: no_bank"):
+            execute(name, scene_dataset, bank_name="bank", confirm=True)
+
+
+def test_delete_needs_the_confirmation(banked):
+    with pytest.raises(ExecutionError, match="Tick to confirm the deletion"):
+        execute("delete_memory_bank", banked, bank_name="bank")
+    assert api.list_memory_banks(banked) == ["bank"]
+
+
+def test_evaluate_form_refuses_the_ground_truth_as_predictions_and_a_key_in_use(banked):
+    with pytest.raises(ExecutionError, match="Predictions and ground truth are the same field"):
+        execute(
+            "evaluate_segmentations", banked, pred_field="ground_truth", gt_field="ground_truth"
+        )
+    api.segment(banked, "bank", "pred")
+    api.evaluate(banked, "pred", "ground_truth", "ntt_eval")
+    with pytest.raises(ExecutionError) as refused:
+        execute("evaluate_segmentations", banked, pred_field="pred", gt_field="ground_truth")
+    assert "tick 'Replace an evaluation of that key' to replace that evaluation" in str(
+        refused.value
+    )
+
+
+def test_a_run_time_failure_is_one_sentence_in_the_app_and_on_the_delegated_record(banked):
+    results = banked.load_run_results("bank", cache=False)
+    results.bank = b"not a bank"
+    banked.save_run_results("bank", results, overwrite=True)
+
+    # Immediate (what the App does): the failure is the result, shown by resolve_output.
+    shown = execute("get_memory_bank_info", banked, bank_name="bank")
+    assert shown.result["error"].startswith("Memory bank 'bank': ")
+    sent = [(r.operator_uri, r.params) for r in shown.executor._requests]
+    assert sent == [("notify", {"message": "Get memory bank info failed: " + shown.result["error"],
+                                "variant": "error"})]  # fmt: skip
+    # A generator operator streams the sentence instead of dying silently.
+    streamed = execute("segment_with_references", banked, bank_name="bank", label_field="pred")
+    names = [r.operator_uri for r in streamed.executor._requests]
+    assert names[-2:] == ["notify", "show_output"]
+    assert (
+        streamed.executor._requests[-1]
+        .params["results"]["error"]
+        .startswith("Memory bank 'bank': ")
+    )
+    assert not banked.has_sample_field("pred")
+
+    # Scheduled: the run fails, and its record says why in the same sentence.
+    assert execute(
+        "segment_with_references", banked, True, bank_name="bank", label_field="p"
+    ).delegated
+    (done,) = DelegatedOperationService().execute_queued_operations(dataset_name=banked.name)
+    assert done.error is not None
+    (record,) = DelegatedOperationService().list_operations(dataset_name=banked.name)
+    assert record.run_state == "failed"
+    assert record.status.label.startswith("Segment with references failed: Memory bank 'bank': ")
+
+
+def test_sentences_for_unexpected_failures_have_no_traceback():
+    assert messages.sentence(KeyError("bank_name")) == (
+        "Unexpected error (KeyError: 'bank_name'); the server log has the details"
+    )
+    assert messages.sentence(torch.OutOfMemoryError("CUDA out of memory. Tried...")).startswith(
+        "Out of memory:"
+    )
+    assert messages.sentence(BankError("x\ny")) == "x y"
+    assert messages.in_form_words(
+        "set overwrite=True or overwrite=True", {"overwrite": "Replace"}
+    ) == ("tick 'Replace' or 'Replace'")
+
+
+def test_model_loading_reports_what_it_loads(scene_dataset):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    labels = [
+        label
+        for _, label in api.iter_build_memory_bank(
+            scene_dataset, "ground_truth", "bank", config=TINY
+        )
+    ]
+    loading = labels[labels.index("Loading models") + 1 :][:2]
+    assert loading == [
+        "Loading SAM2 sam2.1_hiera_tiny (random weights)",
+        "Loading DINOv2 dinov2_vits14 (random weights)",
+    ]
