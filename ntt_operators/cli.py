@@ -463,6 +463,8 @@ def segmentation_summary(summary: Mapping, seconds: float) -> str:
     lines = [f"{line}: {terminal.plural(summary['instances'], 'instance')}."]
     if summary["skipped"]:
         lines.append(f"Skipped {terminal.plural(summary['skipped'], 'sample')} already done.")
+    if summary.get("models_loaded") is False:
+        lines.append("No model ran: every target was re-scored from cached proposals.")
     if summary.get("unchanged"):
         lines.append(
             f"Re-scored in place: {terminal.plural(summary['written'], 'sample')} changed and "

@@ -46,6 +46,7 @@ def test_refusals_name_the_forms_options_in_the_app_and_the_api_options_in_pytho
         execute("segment_with_references", banked, bank_name="bank", label_field="pred")
     assert (
         "Field 'pred' already exists: tick 'Replace the field if it exists' to replace it, "
+        "tick 'Update the field in place (keeps your tags)' to update it in place, "
         "tick 'Skip samples already done' to continue it, or pick a new name"
     ) in str(refused.value)
     assert "overwrite=True" not in str(refused.value)

@@ -84,16 +84,16 @@ def coco_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoded_references():
-    """Every Reference that reaches NTTPredictor.build_bank while the module's fixtures run."""
+    """Every Reference that reaches NTTPredictor.encode while the module's fixtures run."""
     seen = []
-    build_bank = NTTPredictor.build_bank
+    encode = NTTPredictor.encode
 
-    def recording(self, references, classes=None):
+    def recording(self, references):
         seen.extend(references)
-        return build_bank(self, references, classes)
+        return encode(self, references)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(NTTPredictor, "build_bank", recording)
+        patch.setattr(NTTPredictor, "encode", recording)
         yield seen
 
 

@@ -413,9 +413,10 @@ def test_cli_update_bank_and_rescore(banked, capsys):
     banked.persistent = True
     common = ["--dataset", banked.name, "--bank", "bank"]
     assert ntt_main(["update-bank", *common]) == 0
-    assert "added: 1" in capsys.readouterr().out
+    assert "1 added, 0 removed" in capsys.readouterr().out
     code = ntt_main(
         ["segment", *common, "--label-field", PREDICTIONS, "--rescore", "--reuse-proposals"]
     )
-    assert code == 0 and "models_loaded: False" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "No model ran: every target was re-scored from cached proposals." in out
     assert np.isfinite(predictions(banked)[pred][1])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ntt_core import NTTConfig, NTTPredictor, Reference
 from ntt_core.paper_transcription import PaperSettings, predict_as_in_paper
+from ntt_core.proposals import sam2_predictor
 from ntt_core.synthetic import make_scene
 
 # Features differ only by float summation order (separable pooling vs an upsampled map).
@@ -113,8 +114,9 @@ class ObjectShapedDecoder(torch.nn.Module):
 def test_fast_path_equals_the_paper_transcription_in_a_trained_like_regime():
     # One prompt chunk for both paths, so the decoder sees the same batches.
     predictor = NTTPredictor(NTTConfig.tiny(weights="random", device="cpu", points_per_batch=256))
-    predictor.sam_model = copy.deepcopy(predictor.sam_model)  # models are shared per process
-    model = predictor.sam_model
+    # Models are shared per process: the wrappers go on a private copy.
+    model = copy.deepcopy(predictor.sam_model)
+    predictor._sam_parts = (model, sam2_predictor(model))
     model.sam_prompt_encoder = PromptRecorder(model.sam_prompt_encoder)
     model.sam_mask_decoder = ObjectShapedDecoder(
         model.sam_mask_decoder, model.sam_prompt_encoder, predictor.config.sam_image_size

@@ -261,7 +261,7 @@ def test_segment_form_offers_ray_and_execute_passes_its_settings(banked, monkeyp
     def fake_iter_segment(*args, **kwargs):
         seen.update(kwargs)
         yield 1.0, "done"
-        return {"label_field": "pred", "failed": {}}
+        return {"label_field": "pred", "failed": {}, "deleted_evaluations": []}
 
     monkeypatch.setattr(api, "iter_segment", fake_iter_segment)
     run("segment_with_references", banked, bank_name="bank", label_field="pred")

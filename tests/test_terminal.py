@@ -295,15 +295,18 @@ def test_segment_on_a_terminal_draws_live_bars_and_ends_with_a_summary(banked):
     lines = [line for line in screen(raw) if line]
     assert re.fullmatch(r"Loading models \[\d\d:\d\d\]", lines[0]), lines
     bar = rf"Segmented: 100%\|█+\| {targets}/{targets} \[\d\d:\d\d<00:00, +[\d.]+ samples/s\]"
-    assert re.fullmatch(bar, lines[1]), lines
+    # Then what loading does (the models' names), then the segmentation's bar.
+    assert lines[1].startswith("Loading SAM2 sam2.1_hiera_tiny"), lines
+    at = next(k for k, line in enumerate(lines) if line.startswith("Segmented:"))
+    assert re.fullmatch(bar, lines[at]), lines
     assert raw.count("Segmented: ") >= 2  # redrawn in place while it runs
     processed = targets - 1
     assert re.fullmatch(
         rf"Segmented {processed} samples into 'tty' in [\d.]+s \([\d.]+ samples/s\): "
         r"\d+ instances?\.",
-        lines[3],
+        lines[at + 2],
     ), lines
-    assert lines[4:] == [
+    assert lines[at + 3 :] == [
         "1 sample failed and was left empty:",
         f"  sample {broken_id}: ImageError: Cannot decode image {dataset[broken_id].filepath}: "
         f"cannot identify image file '{dataset[broken_id].filepath}'",

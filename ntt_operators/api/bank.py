@@ -326,7 +326,7 @@ def _assemble(
     wanted = [e for e in wanted if e.label in classes]
     known = _known_features(previous)
     todo = [e for e in wanted if (e.ref_id, e.negative, e.label) not in known]
-    yield 0.0, f"Encoding {len(todo)} new reference(s)" if todo else "Nothing new to encode"
+    yield 0.0, "Loading models" if todo else "Nothing new to encode"
     fresh: dict[tuple, tuple] = {}
     if todo:
         # A build checks every checkpoint now (segmentation will use them); an update, whose

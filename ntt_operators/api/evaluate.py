@@ -40,6 +40,8 @@ def evaluate(
     so they would count as missed. ``overwrite=False`` refuses an ``eval_key`` already in use.
     """
     check_evaluation(dataset_or_view, pred_field, gt_field, eval_key, overwrite)
+    # Whether a field has masks is a property of the field, not of the samples evaluated.
+    use_masks = not fields_without_masks(root_dataset(dataset_or_view), [pred_field, gt_field])
     if not include_unsegmented:
         dataset_or_view = segmented_samples(dataset_or_view, pred_field)
     unscored = dataset_or_view.count(f"{pred_field}.detections") - dataset_or_view.count(
@@ -51,7 +53,6 @@ def evaluate(
             f"{unscored} predictions in {pred_field!r} have no confidence; mAP needs one per "
             "prediction"
         )
-    use_masks = not fields_without_masks(dataset_or_view, [pred_field, gt_field])
     report = None
     if progress is not None:
         report = fo.report_progress(lambda bar: progress(bar.progress, "Evaluating"), dt=1.0)
@@ -143,7 +144,8 @@ def class_report(results: fo.core.evaluation.EvaluationResults) -> dict[str, Any
         "classes": rows,
     }
     if not config.use_masks:
-        boxes = fields_without_masks(results.samples, [config.pred_field, config.gt_field])
+        fields = [config.pred_field, config.gt_field]
+        boxes = fields_without_masks(root_dataset(results.samples), fields)
         report["note"] = (
             f"Evaluated on boxes, not masks: {', '.join(map(repr, boxes)) or 'a field'} "
             "holds labels without a mask"

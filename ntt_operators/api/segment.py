@@ -158,8 +158,7 @@ def iter_segment(
         cache = ProposalCache(dataset, config) if reuse_proposals else None
         # Re-scoring cached proposals needs no model: load them only when a target is new.
         all_cached = cache is not None and len(cache.present(sample_ids)) == len(sample_ids)
-        if all_cached:
-            yield 0.0, "Re-scoring cached proposals"
+        yield 0.0, "Re-scoring cached proposals" if all_cached else "Loading models"
         predictor = yield from load_predictor(config, load=not all_cached)
         results = _predict_locally(predictor, bank, sample_ids, filepaths, cache, timings)
 
@@ -421,8 +420,8 @@ def _check_output_field(
     if not (overwrite or skip_done or rescore):
         raise PluginInputError(
             f"Field {label_field!r} already exists: set overwrite=True to replace it, "
-            "set rescore=True to update it in place (keeps your tags), set skip_done=True to "
-            "continue it, or pick a new name"
+            "set rescore=True to update it in place, set skip_done=True to continue it, or pick "
+            "a new name"
         )
     return True
 

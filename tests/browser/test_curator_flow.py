@@ -146,8 +146,8 @@ def test_segment_form_refuses_an_existing_field_in_the_forms_words(app):
     app.fill("Output field", "predictions")
     app.expect_text(
         "Field 'predictions' already exists: tick 'Replace the field if it exists' to replace "
-        "it, tick 'Update the field in place (keeps your tags)' to update it in place (keeps "
-        "your tags), tick 'Skip samples already done' to continue it, or pick a new name"
+        "it, tick 'Update the field in place (keeps your tags)' to update it in place, tick "
+        "'Skip samples already done' to continue it, or pick a new name"
     )
     assert not app.execute_enabled()
     app.tick("Replace the field if it exists")
