@@ -68,9 +68,10 @@ class CuratorApp:
 
     # -- navigation ---------------------------------------------------------------------------
 
-    def open_dataset(self, name: str) -> None:
+    def open_dataset(self, name: str, field: str = "ground_truth") -> None:
+        """Loads the dataset's grid; ``field`` (a label field) shows once the sidebar is in."""
         self.page.goto(f"{self.url}/datasets/{name}", wait_until="load")
-        self.page.get_by_text("ground_truth", exact=True).first.wait_for()
+        self.page.get_by_text(field, exact=True).first.wait_for()
         dismiss = self.page.get_by_text("Dismiss", exact=True)  # the "Explore Enterprise" pop-up
         if dismiss.count():
             dismiss.first.click()
