@@ -247,7 +247,8 @@ def test_load_evaluation_patches(app, dataset):
 def test_bank_info_names_both_models(app):
     app.open_operator("Get memory bank info")
     app.execute()
-    app.expect_text("Memory bank info")
+    # The form is titled like the result: wait for a row only the result has.
+    app.expect_text("SAM2 model (proposals)")
     text = app.dialog_text()
     assert "sam2.1_hiera_tiny" in text and "dinov2_vits14 (random weights)" in text
 
