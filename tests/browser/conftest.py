@@ -45,7 +45,9 @@ def app_url(run_dir):
     sandbox.stop(server)
 
 
-@pytest.fixture(scope="session")
+# Per module: while Playwright's sync API is open it runs an event loop in this thread, and
+# FiftyOne calls asyncio.run (delegated runs, execute_operator) in the test files after this one.
+@pytest.fixture(scope="module")
 def browser_page(app_url):
     from playwright.sync_api import sync_playwright
 
@@ -180,7 +182,7 @@ class CuratorApp:
         self.execute_button.click()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def curator(browser_page, app_url) -> CuratorApp:
     return CuratorApp(browser_page, app_url)
 
