@@ -79,20 +79,14 @@ class BuildMemoryBank(foo.Operator):
             "Reference field",
             "Ground truth, or boxes drawn in the App's Annotate tab (SAM2 makes their masks)",
         )
-        others = [f for f in api.detection_fields(ctx.dataset) if f != gt_field]
-        if others:
-            choices = types.AutocompleteView(allow_duplicates=False)
-            for name in others:
-                choices.add_choice(name, label=name)
-            inputs.list(
-                "accepted_fields",
-                types.String(),
-                default=DEFAULTS["accepted_fields"],
-                label="Also take references from",
-                description="E.g. the predictions field: predictions tagged with the reference "
-                "tag join the bank with their predicted mask",
-                view=choices,
-            )
+        _accepted_fields_choice(
+            ctx,
+            inputs,
+            [gt_field],
+            DEFAULTS["accepted_fields"],
+            "E.g. the predictions field: predictions tagged with the reference tag join the "
+            "bank with their predicted mask",
+        )
         ref_tag = forms.tag_choice(
             ctx, inputs, "ref_tag", DEFAULTS["ref_tag"], label="Reference tag"
         )
@@ -281,7 +275,16 @@ class UpdateMemoryBank(foo.Operator):
         bank_name = forms.memory_bank(ctx, inputs)
         if bank_name:
             sources = api.memory_bank_info(ctx.dataset, bank_name)
-            _accepted_fields_choice(ctx, inputs, sources["ref_fields"])
+            ref_fields = sources["ref_fields"]
+            predicted = [f for f in api.segmented_fields(ctx.dataset) if f not in ref_fields]
+            _accepted_fields_choice(
+                ctx,
+                inputs,
+                ref_fields,
+                predicted,
+                "Predictions tagged with the reference tag in these fields join the bank with "
+                "their predicted mask (recorded: later updates read them too)",
+            )
             inputs.view(
                 "sources",
                 types.Notice(
@@ -310,23 +313,25 @@ UPDATE_DEFAULTS = {"accepted_fields": None}
 
 
 def _accepted_fields_choice(
-    ctx: foo.ExecutionContext, inputs: types.Object, ref_fields: list[str]
+    ctx: foo.ExecutionContext,
+    inputs: types.Object,
+    ref_fields: list[str],
+    default: list[str],
+    description: str,
 ) -> None:
-    """Fields to accept predictions from; by default the plugin's own prediction fields."""
+    """The other Detections fields, to accept predictions tagged as references from."""
     others = [f for f in api.detection_fields(ctx.dataset) if f not in ref_fields]
     if not others:
         return
-    predicted = [f for f in api.segmented_fields(ctx.dataset) if f in others]
     choices = types.AutocompleteView(allow_duplicates=False)
     for name in others:
         choices.add_choice(name, label=name)
     inputs.list(
         "accepted_fields",
         types.String(),
-        default=predicted,
+        default=[f for f in default if f in others],
         label="Also take references from",
-        description="Predictions tagged with the reference tag in these fields join the bank "
-        "with their predicted mask (recorded: later updates read them too)",
+        description=description,
         view=choices,
     )
 
