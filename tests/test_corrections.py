@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from fiftyone.operators.delegated import DelegatedOperationService
-from fiftyone.operators.executor import ExecutionContext
+from fiftyone.operators.executor import ExecutionContext, Executor
 from fiftyone.operators.registry import OperatorRegistry
 
 from ntt_core import NTTConfig, NTTError
 from ntt_core.cache import file_checksum, proposal_identity, proposals_from_bytes
 from ntt_core.coco import json_ready_rle
-from ntt_operators import api
+from ntt_operators import api, forms
 from ntt_operators.cli import main as ntt_main
 from ntt_operators.labels import prediction_ids
 from ntt_operators.proposal_cache import ProposalCache
@@ -289,6 +289,47 @@ def test_replacing_a_field_deletes_its_evaluations_and_says_so(banked):
     assert out["deleted_evaluations"] == ["before"]
     assert dataset.list_evaluations() == []
     assert not dataset.has_sample_field("before_tp")  # its per-sample counts went with it
+
+
+def test_steps_run_from_evaluation_patches_work_on_the_images_behind_them(banked):
+    """The App's target view is the patches view a curator corrects in."""
+    dataset = banked
+    targets = dataset.match_tags("reference", bool=False)
+    api.evaluate(targets, PREDICTIONS, "ground_truth", "ev")
+    patches = targets.to_evaluation_patches("ev").match(fo.ViewField("type") == "fp").limit(2)
+    images = set(patches.values("sample_id"))
+    assert 0 < len(images) < len(targets)
+    out = api.segment(patches, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
+    assert out["processed"] == len(images) and out["failed"] == {}
+    assert out["deleted_evaluations"] == ["ev"]
+    api.evaluate(targets, PREDICTIONS, "ground_truth", "ev")
+    patches = targets.to_evaluation_patches("ev").limit(3)
+    api.evaluate(patches, PREDICTIONS, "ground_truth", "again")
+    evaluated = dataset.load_evaluation_view("again")
+    assert set(evaluated.values("id")) == set(patches.values("sample_id"))
+
+
+def test_rescoring_from_evaluation_patches_first_takes_the_app_off_them(banked):
+    """Once the evaluation is deleted, the App would show an error page on its patches view."""
+    dataset = banked
+    targets = dataset.match_tags("reference", bool=False)
+    api.evaluate(targets, PREDICTIONS, "ground_truth", "ev")
+    patches = targets.to_evaluation_patches("ev").match(fo.ViewField("type") == "fp")
+
+    def app_on(view):
+        return ExecutionContext(
+            request_params={"dataset_name": dataset.name, "view": view._serialize()},
+            executor=Executor(),
+        )
+
+    (leave,) = forms.leave_evaluation_patches(app_on(patches), ["ev"])
+    assert leave.body.operator_uri == "set_view"
+    back = fo.DatasetView._build(dataset, leave.body.params["view"])
+    assert back.values("id") == targets.values("id") and not back._is_patches
+    (clear,) = forms.leave_evaluation_patches(app_on(dataset.to_evaluation_patches("ev")), ["ev"])
+    assert clear.body.operator_uri == "clear_view"
+    assert forms.leave_evaluation_patches(app_on(patches), ["other"]) == []
+    assert forms.leave_evaluation_patches(app_on(targets), ["ev"]) == []
 
 
 def test_output_field_with_accepted_references_is_only_updated_in_place(banked):

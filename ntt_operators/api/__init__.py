@@ -47,6 +47,7 @@ from .evaluate import (
 from .references import reference_view, sample_references
 from .segment import (
     check_output_field,
+    evaluations_on,
     iter_segment,
     segment,
     segment_run_key,
@@ -69,6 +70,7 @@ __all__ = [
     "detection_fields",
     "drive_steps",
     "evaluate",
+    "evaluations_on",
     "fields_without_masks",
     "iter_build_memory_bank",
     "iter_segment",

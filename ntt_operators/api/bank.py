@@ -38,6 +38,7 @@ from .common import (
     require_run_key,
     require_tag,
     root_dataset,
+    source_samples,
 )
 from .references import reference_view
 
@@ -91,6 +92,7 @@ def iter_build_memory_bank(
     full_masks: Mapping[str, np.ndarray] | None = None,
 ) -> Steps:
     """``build_memory_bank`` as progress steps; returns the bank."""
+    dataset_or_view = source_samples(dataset_or_view)
     dataset = root_dataset(dataset_or_view)
     sources = BankSources(
         ref_fields=_field_list(gt_field),

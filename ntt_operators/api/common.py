@@ -72,6 +72,14 @@ def root_dataset(dataset_or_view: Collection) -> fo.Dataset:
     return dataset_or_view._root_dataset
 
 
+def source_samples(collection: Collection) -> Collection:
+    """The samples behind a patches view (the evaluation patches a curator corrects in, say);
+    any other collection as it is. Every step works on whole samples."""
+    if not collection._is_patches:
+        return collection
+    return root_dataset(collection).select(collection.distinct("sample_id"))
+
+
 def require_detections_field(collection: Collection, field_name: str) -> None:
     if not collection.has_sample_field(field_name):
         raise PluginInputError(

@@ -14,6 +14,7 @@ from .common import (
     require_detections_field,
     require_run_key,
     root_dataset,
+    source_samples,
 )
 from .segment import segment_run_key
 
@@ -39,6 +40,7 @@ def evaluate(
     are left out here too, unless ``include_unsegmented``: their objects were never predicted,
     so they would count as missed. ``overwrite=False`` refuses an ``eval_key`` already in use.
     """
+    dataset_or_view = source_samples(dataset_or_view)
     check_evaluation(dataset_or_view, pred_field, gt_field, eval_key, overwrite)
     # Whether a field has masks is a property of the field, not of the samples evaluated.
     use_masks = not fields_without_masks(root_dataset(dataset_or_view), [pred_field, gt_field])

@@ -13,6 +13,7 @@ from .common import (
     require_detections_field,
     require_tag,
     root_dataset,
+    source_samples,
 )
 
 
@@ -35,6 +36,7 @@ def sample_references(
     unless ``replace_tags``. What it places is recorded in the dataset's ``info``.
     Returns class -> label ids.
     """
+    dataset_or_view = source_samples(dataset_or_view)
     require_detections_field(dataset_or_view, gt_field)
     require_tag(tag)
     if not (tag_samples or tag_labels):

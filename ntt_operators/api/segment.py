@@ -29,6 +29,7 @@ from .common import (
     holds_detections,
     load_predictor,
     root_dataset,
+    source_samples,
 )
 
 RUNNING, COMPLETED = "running", "completed"
@@ -116,6 +117,7 @@ def iter_segment(
     rescore: bool = False,
 ) -> Steps:
     """``segment`` as progress steps; returns the summary."""
+    dataset_or_view = source_samples(dataset_or_view)
     dataset = root_dataset(dataset_or_view)
     bank = load_memory_bank(dataset, bank_name)
     recorded = memory_bank_config(dataset, bank_name)
@@ -277,14 +279,21 @@ def _detections(
     return detections
 
 
-def _delete_evaluations(dataset: fo.Dataset, label_field: str) -> list[str]:
-    """Deletes the evaluations computed on ``label_field``: they describe predictions that are
-    about to change. Returns their keys."""
-    stale = []
+def evaluations_on(dataset: fo.Dataset, label_field: str) -> list[str]:
+    """The keys of the evaluations computed on ``label_field`` (as predictions or truth): a run
+    that replaces or re-scores the field deletes them."""
+    keys = []
     for key in dataset.list_evaluations():
         config = dataset.get_evaluation_info(key).config
         if label_field in (getattr(config, "pred_field", None), getattr(config, "gt_field", None)):
-            stale.append(key)
+            keys.append(key)
+    return keys
+
+
+def _delete_evaluations(dataset: fo.Dataset, label_field: str) -> list[str]:
+    """Deletes the evaluations of ``label_field``: they describe predictions that are about to
+    change. Returns their keys."""
+    stale = evaluations_on(dataset, label_field)
     for key in stale:
         dataset.delete_evaluation(key)
     return stale
