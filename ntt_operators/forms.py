@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
+import fiftyone as fo
+import fiftyone.core.stages as fos
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
@@ -135,8 +137,11 @@ def run_with_progress(
     steps: Iterator[tuple[float, str]],
     outputs: Callable[[], types.Property],
     words: Words | None = None,
+    first: Sequence = (),
 ) -> dict[str, Any] | Iterator:
     """Runs an ``api.iter_*`` step generator and reports its progress where the user sees it.
+
+    ``first``: App operations to trigger before the steps start (immediate runs only).
 
     Delegated: progress goes to the run's record and the summary is returned (``fiftyone
     delegated info`` shows both); a failure is recorded there as one sentence, then raised so
@@ -146,7 +151,7 @@ def run_with_progress(
     """
     if ctx.delegated:
         return _drive_delegated(ctx, title, steps, words)
-    return _stream(ctx, title, steps, outputs, words)
+    return _stream(ctx, title, steps, outputs, words, first)
 
 
 def _drive_delegated(ctx: foo.ExecutionContext, title: str, steps: Iterator, words) -> Any:
@@ -163,7 +168,9 @@ def _stream(
     steps: Iterator,
     outputs: Callable[[], types.Property],
     words: Words | None,
+    first: Sequence,
 ):
+    yield from first
     try:
         while True:
             try:
@@ -179,6 +186,19 @@ def _stream(
         steps.close()  # a cancelled run still writes what it finished
     yield ctx.ops.show_output(outputs().to_json(), summary)
     yield ctx.ops.reload_dataset()
+
+
+def leave_evaluation_patches(ctx: foo.ExecutionContext, eval_keys: Sequence[str]) -> list:
+    """The App operation that takes the App off an evaluation patches view of ``eval_keys``
+    (to the view it was made from), if it is on one: once such an evaluation is deleted, the
+    App shows an error page instead of the grid. Empty when the App is elsewhere."""
+    stage_dicts = ctx.request_params.get("view") or []  # as the App sent them
+    for index, stage in enumerate(map(fos.ViewStage._from_dict, stage_dicts)):
+        if isinstance(stage, fos.ToEvaluationPatches) and stage.eval_key in eval_keys:
+            if not index:
+                return [ctx.ops.clear_view()]
+            return [ctx.ops.set_view(view=fo.DatasetView._build(ctx.dataset, stage_dicts[:index]))]
+    return []
 
 
 def show_failure(

@@ -136,8 +136,22 @@ class SegmentWithReferences(foo.Operator):
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
         return forms.run_with_progress(
-            ctx, "Segment with references", self._steps(ctx), segment_outputs, WORDS
+            ctx,
+            "Segment with references",
+            self._steps(ctx),
+            segment_outputs,
+            WORDS,
+            first=forms.leave_evaluation_patches(ctx, self._evaluations_to_delete(ctx)),
         )
+
+    @staticmethod
+    def _evaluations_to_delete(ctx: foo.ExecutionContext) -> list[str]:
+        """Replacing or re-scoring an existing field deletes the evaluations made on it."""
+        field = forms.param(ctx, DEFAULTS, "label_field")
+        replaces = forms.param(ctx, DEFAULTS, "overwrite") or forms.param(ctx, DEFAULTS, "rescore")
+        if not (replaces and ctx.dataset.has_sample_field(field)):
+            return []
+        return api.evaluations_on(ctx.dataset, field)
 
     def _steps(self, ctx: foo.ExecutionContext) -> Iterator:
         bank_name = ctx.params["bank_name"]

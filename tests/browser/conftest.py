@@ -15,6 +15,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import shutil
 import warnings
 
 import pytest
@@ -23,6 +24,9 @@ from ntt_operators import sandbox
 
 TIMEOUT_MS = int(os.environ.get("NTT_BROWSER_TIMEOUT_MS", 120_000))
 """Generous: two shared CPU cores, and the first model load happens inside the App server."""
+APP_SERVER_LOG = "app-server.log"
+APP_ERRORS = re.compile(r"^(GraphQL API Error|What went wrong)$")
+"""The App's error page, and the result dialog of a run that failed (``forms.failure_outputs``)."""
 
 
 def _missing() -> str | None:
@@ -40,7 +44,7 @@ def app_url(run_dir):
         warnings.warn(f"THE BROWSER SUITE DID NOT RUN: {missing}", stacklevel=1)
         pytest.skip(f"browser suite skipped: {missing}")
     port = sandbox.free_port()
-    server = sandbox.start_app_server(port, run_dir / "app-server.log")
+    server = sandbox.start_app_server(port, run_dir / APP_SERVER_LOG)
     yield f"http://127.0.0.1:{port}"
     sandbox.stop(server)
 
@@ -64,9 +68,10 @@ def browser_page(app_url):
 class CuratorApp:
     """What a curator does in the App, as Playwright steps with explicit waits on visible text."""
 
-    def __init__(self, page, url: str) -> None:
+    def __init__(self, page, url: str, server_log: pathlib.Path) -> None:
         self.page = page
         self.url = url
+        self.server_log = server_log
 
     # -- navigation ---------------------------------------------------------------------------
 
@@ -151,7 +156,12 @@ class CuratorApp:
         self.page.wait_for_timeout(1500)
 
     def expect_text(self, text: str, timeout: float = TIMEOUT_MS) -> None:
-        self.page.get_by_text(text, exact=False).first.wait_for(timeout=timeout)
+        """Waits for ``text``; fails at once if the App shows an error page or a failed run."""
+        wanted = self.page.get_by_text(text, exact=False)
+        wanted.or_(self.page.get_by_text(APP_ERRORS)).first.wait_for(timeout=timeout)
+        if not wanted.count():
+            body = self.page.locator("body").inner_text()
+            raise AssertionError(f"Waiting for {text!r}, the App shows an error: {body[:800]}")
 
     def dialog_text(self) -> str:
         return self.dialog.inner_text()
@@ -183,13 +193,14 @@ class CuratorApp:
 
 
 @pytest.fixture(scope="module")
-def curator(browser_page, app_url) -> CuratorApp:
-    return CuratorApp(browser_page, app_url)
+def curator(browser_page, app_url, run_dir) -> CuratorApp:
+    return CuratorApp(browser_page, app_url, run_dir / APP_SERVER_LOG)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On a failure, a screenshot of the page in $NTT_BROWSER_ARTIFACTS (if set), to see why."""
+    """On a failure, a screenshot of the page and the App server's log in $NTT_BROWSER_ARTIFACTS
+    (if set), to see why."""
     outcome = yield
     report = outcome.get_result()
     folder = os.environ.get("NTT_BROWSER_ARTIFACTS")
@@ -198,3 +209,4 @@ def pytest_runtest_makereport(item, call):
     if report.failed and folder and page is not None:
         pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(pathlib.Path(folder) / f"{item.name}.png"))
+        shutil.copy(app.server_log, pathlib.Path(folder) / "app-server.log")

@@ -22,6 +22,7 @@ DATASET = "ntt-browser-loop"
 PREDICTIONS = "ntt_predictions"
 CLASS = "square"
 """One class only, as in ``tests/test_corrections.py``: a negative changes scores, never a class."""
+BOXED_SAMPLES = 2
 TINY = NTTConfig.tiny(weights="random", device="cpu")
 RUN_TIMEOUT_MS = 600_000
 
@@ -43,7 +44,7 @@ def dataset(scene_files):
     boxed = 0
     for sample, (_, instances) in zip(dataset, scene_files):
         squares = [i for i in instances if i.label == CLASS]
-        if not squares or boxed == 2:
+        if not squares or boxed == BOXED_SAMPLES:
             continue
         height, width = squares[0].mask.shape
         sample["boxes"] = fo.Detections(
@@ -103,7 +104,11 @@ def test_tag_a_false_positive_negative_in_the_evaluation_patches(app, dataset, r
     (tagged,) = dataset.filter_labels(PREDICTIONS, fo.ViewField("tags").contains("negative"))
     (negative,) = [d for d in tagged[PREDICTIONS].detections if "negative" in d.tags]
     assert negative.ntt_eval == "fp"
-    round_state.update(id=negative.id, confidence=negative.confidence)
+    round_state.update(
+        id=negative.id,
+        confidence=negative.confidence,
+        images_with_false_positives=len(dataset.match(fo.ViewField("ntt_eval_fp") > 0)),
+    )
 
 
 def test_update_memory_bank_adds_the_negative(app, dataset, round_state):
@@ -120,7 +125,7 @@ def test_update_memory_bank_adds_the_negative(app, dataset, round_state):
 
 
 def test_segment_in_place_from_cached_proposals_keeps_the_tag(app, dataset, round_state):
-    app.open_dataset(DATASET, field="boxes")  # back from the patches to the whole dataset
+    # Still in the evaluation patches view: the targets are the images the patches come from.
     app.open_operator("Segment with references")
     app.fill("Output field", PREDICTIONS)
     app.tick("Update the field in place (keeps your tags)")
@@ -130,8 +135,14 @@ def test_segment_in_place_from_cached_proposals_keeps_the_tag(app, dataset, roun
     app.expect_text("Segmentation done", timeout=RUN_TIMEOUT_MS)
     text = app.dialog_text()
     assert re.search(r"Samples failed:\s+0\b", text), text
+    segmented = round_state["images_with_false_positives"]
+    assert re.search(rf"Samples segmented:\s+{segmented}\b", text), text
     # The evaluation was made on the old scores: deleted, and the dialog says so.
     assert re.search(r"Evaluations deleted \(made on the old field\):\s+ntt_eval\b", text), text
+    # The patches view was built on that evaluation: the App went back to the view the patches
+    # were made from (the evaluated samples: all but the boxed references) instead of an error.
+    app.close_dialogs()
+    app.expect_text(f"{len(dataset) - BOXED_SAMPLES} samples")
     dataset.reload()
     assert "ntt_eval" not in dataset.list_evaluations()
     (rescored,) = [
