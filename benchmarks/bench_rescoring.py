@@ -36,7 +36,7 @@ from ntt_core.cache import predict_cached  # noqa: E402
 from ntt_core.synthetic import make_scene  # noqa: E402
 from ntt_operators import api  # noqa: E402
 from ntt_operators.labels import FieldWriter  # noqa: E402
-from ntt_operators.proposal_cache import proposal_store  # noqa: E402
+from ntt_operators.proposal_cache import ProposalCache  # noqa: E402
 
 CLASSES = ("disc", "square", "triangle")
 
@@ -77,7 +77,7 @@ def _plugin_rescoring(dataset: fo.Dataset, config: NTTConfig) -> None:
 def _engine_rescoring(dataset: fo.Dataset, config: NTTConfig) -> None:
     predictor = NTTPredictor(config)
     bank = api.load_memory_bank(dataset, "three_shot")
-    store = proposal_store(dataset, config)
+    store = ProposalCache(dataset, config)
     ids, paths = dataset.values(["id", "filepath"])
     sample = list(zip(ids, paths))[:20]
     full = _timed(lambda: [predictor.predict(path, bank) for _, path in sample])

@@ -28,7 +28,7 @@ CACHE_VERSION = 2  # 2: no no_mem_embed, x-major grid, unclamped logits
 
 
 class ProposalStore(Protocol):
-    """Where cached proposals live (FiftyOne's ExecutionStore in the plugin, a dict in tests)."""
+    """Where cached proposals live (a MongoDB collection in the plugin, a dict in tests)."""
 
     def get(self, key: str) -> bytes | None: ...
 

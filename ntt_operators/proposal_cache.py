@@ -1,8 +1,13 @@
-"""Cached proposals in FiftyOne's ExecutionStore: in MongoDB, scoped to the dataset.
+"""Cached proposals in a collection of their own in FiftyOne's MongoDB database.
 
-One store per proposal-shaping configuration (``ntt_core.cache.proposal_identity``), one key per
-sample. FiftyOne deletes a dataset's execution stores with the dataset; ``clear_proposal_cache``
-removes them on demand.
+One entry per (dataset, proposal-shaping configuration, sample): the configuration is
+``ntt_core.cache.proposal_identity``, the value the engine's bytes (``proposals_to_bytes``).
+
+Not FiftyOne's ExecutionStore: the App server polls that store and sends every changed value to
+the App as JSON, and it cannot encode bytes, so each poll failed and started over (hundreds of
+tracebacks, and the whole cache re-read every second). Here FiftyOne does not delete a dataset's
+entries with the dataset, so entries of deleted datasets are removed whenever a cache is opened;
+``clear_proposal_cache`` removes a dataset's entries on demand.
 """
 
 from __future__ import annotations
@@ -11,59 +16,49 @@ from collections.abc import Sequence
 
 import fiftyone as fo
 import fiftyone.core.odm as foo_odm
-from fiftyone.factory.repos.execution_store import MongoExecutionStoreRepo
-from fiftyone.operators.store import ExecutionStore, ExecutionStoreService
+from bson import ObjectId
+from pymongo import ASCENDING
+from pymongo.collection import Collection
 
 from ntt_core import NTTConfig
 from ntt_core.cache import proposal_identity
 
-STORE_PREFIX = "ntt_proposals_"
-
-
-def proposal_store(dataset: fo.Dataset, config: NTTConfig) -> ExecutionStore:
-    """The dataset's store for proposals made with ``config``'s models and grid."""
-    return ExecutionStore.create(STORE_PREFIX + proposal_identity(config), dataset._doc.id)
+COLLECTION = "ntt_proposal_cache"
 
 
 class ProposalCache:
-    """The dataset's store for one configuration, with batched reads.
-
-    ``ExecutionStore.get`` costs one database round trip per key; a re-scoring round over
-    thousands of images reads its entries a few hundred at a time instead, from the collection
-    the store writes to (``execution_store``: store name, dataset id, key, value).
-    """
+    """The dataset's cached proposals for one configuration, with batched reads."""
 
     def __init__(self, dataset: fo.Dataset, config: NTTConfig) -> None:
-        self.store = proposal_store(dataset, config)
-        self._query = {"store_name": self.store.store_name, "dataset_id": dataset._doc.id}
+        self._entries = _entries()
+        _remove_entries_of_deleted_datasets(self._entries)
+        self._query = {"dataset_id": dataset._doc.id, "identity": proposal_identity(config)}
 
     def get(self, key: str) -> bytes | None:
-        return self.store.get(key)
+        doc = self._entries.find_one({**self._query, "sample_id": key}, {"value": 1})
+        return bytes(doc["value"]) if doc else None
 
     def set(self, key: str, value: bytes) -> None:
-        self.store.set(key, value)
+        entry = {**self._query, "sample_id": key}
+        self._entries.replace_one(entry, {**entry, "value": value}, upsert=True)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The entries of ``keys`` that exist, in one query."""
-        cursor = self._collection().find(
-            {**self._query, "key": {"$in": list(keys)}}, {"key": 1, "value": 1, "_id": 0}
+        cursor = self._entries.find(
+            {**self._query, "sample_id": {"$in": list(keys)}}, {"sample_id": 1, "value": 1}
         )
-        return {doc["key"]: doc["value"] for doc in cursor if isinstance(doc["value"], bytes)}
+        return {doc["sample_id"]: bytes(doc["value"]) for doc in cursor}
 
     def present(self, keys: Sequence[str], batch_size: int = 5000) -> set[str]:
         """Which of ``keys`` have an entry (without reading the entries)."""
         found: set[str] = set()
         for start in range(0, len(keys), batch_size):
             chunk = list(keys[start : start + batch_size])
-            cursor = self._collection().find(
-                {**self._query, "key": {"$in": chunk}}, {"key": 1, "_id": 0}
+            cursor = self._entries.find(
+                {**self._query, "sample_id": {"$in": chunk}}, {"sample_id": 1, "_id": 0}
             )
-            found.update(doc["key"] for doc in cursor)
+            found.update(doc["sample_id"] for doc in cursor)
         return found
-
-    @staticmethod
-    def _collection():
-        return foo_odm.get_db_conn()[_STORE_COLLECTION]
 
 
 class Prefetched:
@@ -79,23 +74,28 @@ class Prefetched:
         self.cache.set(key, value)
 
 
-_STORE_COLLECTION = MongoExecutionStoreRepo.COLLECTION_NAME
-
-
 def cached_proposal_count(dataset: fo.Dataset) -> int:
-    service = ExecutionStoreService(dataset_id=dataset._doc.id)
-    return sum(service.count_keys(name) for name in _store_names(service))
+    """How many images of the dataset have cached proposals (any configuration)."""
+    return _entries().count_documents({"dataset_id": dataset._doc.id})
 
 
 def clear_proposal_cache(dataset: fo.Dataset) -> int:
     """Deletes every cached proposal of the dataset; returns how many entries went."""
-    service = ExecutionStoreService(dataset_id=dataset._doc.id)
-    removed = 0
-    for name in _store_names(service):
-        removed += service.count_keys(name)
-        service.delete_store(name)
-    return removed
+    return _entries().delete_many({"dataset_id": dataset._doc.id}).deleted_count
 
 
-def _store_names(service: ExecutionStoreService) -> list[str]:
-    return [name for name in service.list_stores() if name.startswith(STORE_PREFIX)]
+def _entries() -> Collection:
+    entries = foo_odm.get_db_conn()[COLLECTION]
+    entries.create_index(
+        [("dataset_id", ASCENDING), ("identity", ASCENDING), ("sample_id", ASCENDING)],
+        unique=True,
+    )  # a no-op once the index exists
+    return entries
+
+
+def _remove_entries_of_deleted_datasets(entries: Collection) -> None:
+    cached: list[ObjectId] = entries.distinct("dataset_id")
+    existing = set(foo_odm.get_db_conn().datasets.distinct("_id", {"_id": {"$in": cached}}))
+    deleted = [dataset_id for dataset_id in cached if dataset_id not in existing]
+    if deleted:
+        entries.delete_many({"dataset_id": {"$in": deleted}})

@@ -1,14 +1,23 @@
-"""Re-scoring from cached proposals, through the plugin API and the dataset's execution store."""
+"""Re-scoring from cached proposals, through the plugin API and the plugin's cache collection."""
+
+import json
 
 import fiftyone as fo
+import fiftyone.core.odm as foo_odm
 import fiftyone.operators as foo
 import pytest
+from fiftyone.factory.repos.execution_store import MongoExecutionStoreRepo
 from fiftyone.operators.delegated import DelegatedOperationService
 
 from ntt_core import NTTConfig
 from ntt_operators import api
 from ntt_operators.api import PluginInputError
-from ntt_operators.proposal_cache import cached_proposal_count, clear_proposal_cache
+from ntt_operators.proposal_cache import (
+    COLLECTION,
+    ProposalCache,
+    cached_proposal_count,
+    clear_proposal_cache,
+)
 
 TINY = NTTConfig.tiny(weights="random", device="cpu")
 PLUGIN = "@ntt/no_time_to_train"
@@ -82,11 +91,26 @@ def test_the_cache_is_cleared_on_demand_and_with_the_dataset(scene_dataset):
     assert cached_proposal_count(scene_dataset) == 0
 
     api.segment(scene_dataset.limit(2), "bank", "ntt2", exclude_tag=None, reuse_proposals=True)
-    from fiftyone.operators.store import ExecutionStoreService
-
+    entries = foo_odm.get_db_conn()[COLLECTION]
     dataset_id = scene_dataset._doc.id
+    assert entries.count_documents({"dataset_id": dataset_id}) == 2
     scene_dataset.delete()
-    assert ExecutionStoreService(dataset_id=dataset_id).list_stores() == []
+    other = fo.Dataset()
+    ProposalCache(other, TINY)  # opening any cache removes a deleted dataset's entries
+    assert entries.count_documents({"dataset_id": dataset_id}) == 0
+    other.delete()
+
+
+def test_the_cache_stays_out_of_fiftyones_execution_store(scene_dataset):
+    """The App server polls the execution store and sends each changed value to the App as
+    JSON; a bytes value made every poll fail and start over (each second, for ever)."""
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    api.segment(scene_dataset.limit(2), "bank", "ntt", exclude_tag=None, reuse_proposals=True)
+    assert cached_proposal_count(scene_dataset) == 2
+    store = foo_odm.get_db_conn()[MongoExecutionStoreRepo.COLLECTION_NAME]
+    for doc in store.find({"dataset_id": scene_dataset._doc.id}):
+        json.dumps(doc.get("value"))  # what the App server's notification service does
 
 
 def test_the_cache_is_refused_with_ray_before_anything_changes(scene_dataset):

@@ -69,10 +69,10 @@ def segment(
     at ``ray_address``, else a local one) with the same per-image function, and this process
     writes their results; see ``ntt_core.ray_backend.segment_on_ray``.
 
-    ``reuse_proposals`` keeps each sample's proposals in the dataset's execution store and
+    ``reuse_proposals`` keeps each sample's proposals in the database (``proposal_cache``) and
     re-scores them when the same models see the same image again: after a bank changes, only the
-    matching reruns (``clear_proposal_cache`` empties the store). When every target is cached,
-    no model is loaded at all.
+    matching reruns (``clear_proposal_cache`` empties the dataset's cache). When every target is
+    cached, no model is loaded at all.
 
     ``rescore`` updates an existing field of this plugin in place, the correction round's way:
     each prediction keeps its id and tags while its proposal survives (ids derive from the
