@@ -22,7 +22,6 @@ Steps = Generator[tuple[float, str], None, Any]
 
 BANK_METHOD = "ntt_memory_bank"
 SEGMENT_METHOD = "ntt_segment"
-_POLL_S = 0.5
 
 
 class PluginInputError(NTTError, ValueError):
@@ -55,14 +54,12 @@ def load_predictor(
     each label ("Downloading sam2.1_hiera_large.pt: 120.0 / 898.1 MB") instead of freezing.
     ``load=False`` defers each model to its first use (see ``NTTPredictor``).
     """
-    labels: queue.Queue[str] = queue.Queue()
+    labels: queue.Queue[str | None] = queue.Queue()
     with ThreadPoolExecutor(1, thread_name_prefix="ntt-load") as worker:
         loading = worker.submit(NTTPredictor, config, load=load, progress=labels.put)
-        while not (loading.done() and labels.empty()):
-            try:
-                yield 0.0, labels.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
+        loading.add_done_callback(lambda _: labels.put(None))  # after its last label
+        while (label := labels.get()) is not None:
+            yield 0.0, label
         return loading.result()  # re-raises what went wrong in the worker
 
 
