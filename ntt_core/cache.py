@@ -14,17 +14,18 @@ import struct
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .coco import json_ready_rle
 from .config import NTTConfig
 from .pipeline import NTTPredictor
 from .proposals import Proposals
 from .result import Instances
 
 CACHE_FORMAT = "ntt-proposals"
-CACHE_VERSION = 2  # 2: no no_mem_embed, x-major grid, unclamped logits
+CACHE_VERSION = 3  # 2: no no_mem_embed, x-major grid, unclamped logits; 3: RLEs as tensors
 
 
 class ProposalStore(Protocol):
@@ -56,10 +57,14 @@ def file_checksum(path: str | Path) -> str:
 def proposals_to_bytes(proposals: Proposals, checksum: str, identity: str) -> bytes:
     if proposals.rles is None:
         raise ValueError("Compact the proposals (NTTPredictor.compact) before caching them")
+    # The RLE strings as one byte tensor: a JSON list of them cost more to parse than scoring.
+    counts = [_counts_bytes(rle) for rle in proposals.rles]
     tensors = {
         "pred_iou": proposals.pred_iou.float().contiguous(),
         "boxes": proposals.boxes.float().contiguous(),
         "features": proposals.features.float().contiguous(),
+        "rle_counts": torch.from_numpy(np.frombuffer(b"".join(counts), np.uint8).copy()),
+        "rle_lengths": torch.tensor([len(c) for c in counts], dtype=torch.int64),
     }
     header = {
         "format": CACHE_FORMAT,
@@ -67,9 +72,13 @@ def proposals_to_bytes(proposals: Proposals, checksum: str, identity: str) -> by
         "checksum": checksum,
         "identity": identity,
         "image_size": list(proposals.image_size),
-        "rles": [json_ready_rle(rle) for rle in proposals.rles],
     }
     return save_tensors(tensors, metadata={"ntt_proposals": json.dumps(header)})
+
+
+def _counts_bytes(rle: dict) -> bytes:
+    counts = rle["counts"]
+    return counts if isinstance(counts, bytes) else counts.encode("ascii")
 
 
 def proposals_from_bytes(blob: bytes, checksum: str, identity: str) -> Proposals | None:
@@ -82,14 +91,19 @@ def proposals_from_bytes(blob: bytes, checksum: str, identity: str) -> Proposals
         return None
     expected = (CACHE_FORMAT, CACHE_VERSION, checksum, identity)
     found = tuple(header.get(k) for k in ("format", "version", "checksum", "identity"))
-    if found != expected or len(header["rles"]) != tensors["pred_iou"].shape[0]:
+    if found != expected:
         return None
+    counts = tensors["rle_counts"].numpy().tobytes()
+    ends = tensors["rle_lengths"].cumsum(0).tolist()
+    if len(ends) != tensors["pred_iou"].shape[0] or (ends and ends[-1] > len(counts)):
+        return None
+    size = list(header["image_size"])
     return Proposals(
-        image_size=tuple(header["image_size"]),
+        image_size=tuple(size),
         pred_iou=tensors["pred_iou"],
         boxes=tensors["boxes"],
         features=tensors["features"],
-        rles=[{"size": rle["size"], "counts": rle["counts"].encode()} for rle in header["rles"]],
+        rles=[{"size": size, "counts": counts[a:b]} for a, b in zip([0, *ends], ends)],
     )
 
 

@@ -1,11 +1,23 @@
 """Cached proposals re-score to exactly what full inference gives, and stale entries are redone."""
 
+import json
+import struct
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
+from safetensors.torch import load, save
 
 from ntt_core import NTTConfig, NTTPredictor, Reference
-from ntt_core.cache import predict_cached, proposal_identity
+from ntt_core.cache import (
+    predict_cached,
+    proposal_identity,
+    proposals_from_bytes,
+    proposals_to_bytes,
+)
+from ntt_core.proposals import Proposals
 from ntt_core.synthetic import make_scene
 
 CLASSES = ["disc", "square", "triangle"]
@@ -84,3 +96,33 @@ def test_identity_covers_proposal_settings_only():
     assert proposal_identity(config) != proposal_identity(
         config.replace(encoder_model="dinov2_vitb14")
     )
+
+
+@pytest.mark.parametrize("count", [0, 3])
+def test_an_entry_round_trips_and_a_tampered_one_is_refused(count):
+    masks = np.zeros((count, 6, 8), dtype=np.uint8, order="F")
+    for k in range(count):
+        masks[k, : k + 1, : k + 2] = 1
+    rles = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
+    proposals = Proposals(
+        image_size=(6, 8),
+        pred_iou=torch.rand(count),
+        boxes=torch.rand(count, 4),
+        features=torch.rand(count, 5),
+        rles=rles,
+    )
+    blob = proposals_to_bytes(proposals, "sum", "id")
+    back = proposals_from_bytes(blob, "sum", "id")
+    assert back.image_size == (6, 8) and torch.equal(back.features, proposals.features)
+    assert [r["counts"] for r in back.rles] == [r["counts"] for r in rles]
+    assert [int(mask_utils.area(r)) for r in back.rles] == [(k + 1) * (k + 2) for k in range(count)]
+    assert proposals_from_bytes(blob, "other sum", "id") is None
+    tampered = _with_tensors(blob, rle_lengths=torch.tensor([10**6] * max(count, 1)))
+    assert proposals_from_bytes(tampered, "sum", "id") is None
+
+
+def _with_tensors(blob: bytes, **replaced: torch.Tensor) -> bytes:
+    """The entry with some tensors replaced, its header kept."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    metadata = json.loads(blob[8 : 8 + length])["__metadata__"]
+    return save({**load(blob), **replaced}, metadata=metadata)
