@@ -172,7 +172,12 @@ def photograph(session, dataset, eval_key: str, url: str, out: Path, wait: float
             page.wait_for_timeout(1500)
             page.keyboard.press("Enter")
             page.wait_for_timeout(4000)
-            # Choose Ray, so the form shows its settings, and scroll to the Advanced section.
+            # A new output field (the form refuses the existing one), then Ray, so the form
+            # shows its settings, and scroll to the Advanced section.
+            output = page.locator("input[value='ntt_predictions']").first
+            output.fill("ntt_predictions_ray")
+            output.press("Tab")
+            page.wait_for_timeout(2500)
             click_if_there(page, "Ray")
             page.wait_for_timeout(2500)
             advanced = page.get_by_text("Execution backend", exact=True)
