@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import fiftyone as fo
@@ -309,20 +311,30 @@ def _predict_locally(
     filepaths: list[str],
     cache: ProposalCache | None,
     timings: dict[str, float],
-    read_batch: int = 128,
 ) -> Iterator[Result]:
-    """Per-sample results; cached proposals are read ``read_batch`` entries per query."""
-    for start in range(0, len(sample_ids), read_batch):
-        chunk = sample_ids[start : start + read_batch]
-        store = None
-        if cache is not None:
+    """Per-sample results, cached proposals read ahead in batches."""
+    stores = _read_ahead(cache, sample_ids, timings) if cache else itertools.repeat(None)
+    for sample_id, filepath, store in zip(sample_ids, filepaths, stores):
+        cached = store is not None and sample_id in store.blobs
+        with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
+            outcome = predict_or_error(predictor, filepath, bank, store, sample_id)
+        yield sample_id, *outcome
+
+
+def _read_ahead(
+    cache: ProposalCache, sample_ids: list[str], timings: dict[str, float], batch: int = 128
+) -> Iterator[Prefetched]:
+    """The cache in front of each sample: entries are read ``batch`` per query, the next batch
+    in a thread while this one is scored (``timings["read_cache"]`` is the wait left)."""
+    batches = [sample_ids[start : start + batch] for start in range(0, len(sample_ids), batch)]
+    with ThreadPoolExecutor(1, thread_name_prefix="ntt-cache-read") as reader:
+        pending = reader.submit(cache.get_many, batches[0]) if batches else None
+        for index, keys in enumerate(batches):
             with _timed(timings, "read_cache"):
-                store = Prefetched(cache, cache.get_many(chunk))
-        for sample_id, filepath in zip(chunk, filepaths[start : start + read_batch]):
-            cached = store is not None and sample_id in store.blobs
-            with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
-                outcome = predict_or_error(predictor, filepath, bank, store, sample_id)
-            yield sample_id, *outcome
+                store = Prefetched(cache, pending.result())
+            if index + 1 < len(batches):
+                pending = reader.submit(cache.get_many, batches[index + 1])
+            yield from itertools.repeat(store, len(keys))
 
 
 @contextlib.contextmanager
