@@ -8,6 +8,7 @@ image file's checksum and the identity of everything that shaped the proposals.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -36,6 +37,7 @@ class ProposalStore(Protocol):
     def set(self, key: str, value: bytes) -> None: ...
 
 
+@functools.lru_cache(maxsize=16)  # asked once per image when re-scoring thousands
 def proposal_identity(config: NTTConfig) -> str:
     """A short hash of every setting that changes proposals (not the bank-side ones)."""
     fields = (
