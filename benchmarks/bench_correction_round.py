@@ -89,7 +89,8 @@ def _round(dataset: fo.Dataset) -> None:
     print(f"  {'round':<16} {total:7.2f} s")
     print(
         f"  bank update encoded {update['encoded']} entry; re-score wrote {out['written']} of "
-        f"{out['processed']} samples ({out['unchanged']} unchanged); models loaded by the "
+        f"{out['processed']} samples ({out['unchanged']} unchanged, of which "
+        f"{out['screened_unchanged']} skipped without scoring); models loaded by the "
         f"re-score: {out['models_loaded']}"
     )
 

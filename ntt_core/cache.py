@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from .bank import MemoryBank
 from .config import NTTConfig
 from .pipeline import NTTPredictor
 from .proposals import Proposals
@@ -107,6 +108,60 @@ def proposals_from_bytes(blob: bytes, checksum: str, identity: str) -> Proposals
         features=tensors["features"],
         rles=[{"size": size, "counts": counts[a:b]} for a, b in zip([0, *ends], ends)],
     )
+
+
+def cached_features(blob: bytes, checksum: str, identity: str) -> torch.Tensor | None:
+    """The proposals' (P, C) features of a valid entry (None as ``proposals_from_bytes``),
+    read straight from the bytes: the masks are not unpacked."""
+    try:
+        (length,) = struct.unpack("<Q", blob[:8])
+        layout = json.loads(blob[8 : 8 + length])
+        header = json.loads(layout["__metadata__"]["ntt_proposals"])
+        if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
+            return None
+        if (header.get("checksum"), header.get("identity")) != (checksum, identity):
+            return None
+        features = layout["features"]
+        if features["dtype"] != "F32":
+            return None
+        start, end = (8 + length + offset for offset in features["data_offsets"])
+        values = np.frombuffer(blob, dtype="<f4", count=(end - start) // 4, offset=start)
+        return torch.from_numpy(values.reshape(features["shape"]).copy())
+    except Exception:
+        return None
+
+
+def scoring_state(bank: MemoryBank, config: NTTConfig) -> tuple[str, str, list[str]]:
+    """What re-scoring cached proposals depends on: ``(state, base, negatives)``.
+
+    ``base`` hashes the classes, the prototypes and every setting but the device; ``negatives``
+    has one key per negative (id, class, digest of its feature); ``state`` hashes both, so two
+    runs with the same state give the same predictions from the same proposals.
+    """
+    settings = {k: v for k, v in config.to_dict().items() if k != "device"}
+    base = hashlib.sha256(json.dumps([bank.classes, settings], sort_keys=True).encode())
+    base.update(bank.prototypes.float().contiguous().numpy().tobytes())
+    negatives = [
+        f"{ref_id}|{int(label)}|{hashlib.sha256(feature.numpy().tobytes()).hexdigest()[:16]}"
+        for ref_id, label, feature in zip(
+            bank.negative_ids, bank.negative_labels, bank.negatives.float().contiguous()
+        )
+    ]
+    state = hashlib.sha256(json.dumps([base.hexdigest(), sorted(negatives)]).encode())
+    return state.hexdigest()[:32], base.hexdigest()[:32], negatives
+
+
+def negatives_added_since(
+    bank: MemoryBank, config: NTTConfig, base: str, negatives: list[str]
+) -> torch.Tensor | None:
+    """(M,) bool: which of the bank's negatives are new since the scoring state ``base`` +
+    ``negatives``; None when the bank changed in any other way (classes, prototypes,
+    settings, a negative removed): then every image must be re-scored."""
+    _, current_base, current = scoring_state(bank, config)
+    if current_base != base or not set(negatives) <= set(current):
+        return None
+    before = set(negatives)
+    return torch.tensor([key not in before for key in current], dtype=torch.bool)
 
 
 def predict_cached(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -69,11 +71,68 @@ def scores_with_negatives(
     positive = semantic_scores(features, prototypes)
     if negatives.shape[0] == 0:
         return positive
-    similarity = (features @ negatives.T).clamp(min=0)  # (P, M)
-    closest = torch.zeros_like(positive)
-    index = negative_labels.to(features.device)[None].expand_as(similarity)
-    closest = closest.scatter_reduce(1, index, similarity, reduce="amax", include_self=True)
+    closest = closest_negatives(features, negatives, negative_labels, prototypes.shape[0])
     return positive * torch.exp(-(closest - positive).clamp(min=0) / sigma)
+
+
+def closest_negatives(
+    features: torch.Tensor, negatives: torch.Tensor, negative_labels: torch.Tensor, classes: int
+) -> torch.Tensor:
+    """(P, K) ``neg_k``: the highest ``max(0, f·n)`` over the negatives n of class k (0: none)."""
+    closest = torch.zeros(features.shape[0], classes, dtype=features.dtype, device=features.device)
+    if negatives.shape[0] == 0:
+        return closest
+    similarity = (features @ negatives.T).clamp(min=0)  # (P, M)
+    index = negative_labels.to(features.device)[None].expand_as(similarity)
+    return closest.scatter_reduce(1, index, similarity, reduce="amax", include_self=True)
+
+
+@dataclass(frozen=True)
+class NegativesScreen:
+    """Tells whether adding some negatives to a bank leaves a proposal set's class scores as
+    they were (so its image's result cannot change).
+
+    A new negative n of class k raises ``neg_k`` to ``max(neg_k, f·n)``, and the score's decay
+    ``exp(-max(0, neg_k - pos_k) / sigma)`` moves only if ``f·n > max(neg_k, pos_k)``. ``margin``
+    absorbs rounding between this computation and the scoring's: a proposal that comes within
+    it counts as changed.
+    """
+
+    prototypes: torch.Tensor
+    old_negatives: torch.Tensor
+    old_labels: torch.Tensor
+    added_negatives: torch.Tensor
+    added_labels: torch.Tensor
+    margin: float = 1e-4
+
+    @classmethod
+    def of(
+        cls,
+        prototypes: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_labels: torch.Tensor,
+        added: torch.Tensor,
+    ) -> NegativesScreen:
+        """For a bank's prototypes and negatives, ``added`` (M,) bool marking the new ones."""
+        old = ~added
+        return cls(
+            prototypes,
+            negatives[old],
+            negative_labels[old],
+            negatives[added],
+            negative_labels[added],
+        )
+
+    def unchanged(self, features: torch.Tensor) -> bool:
+        if self.added_negatives.shape[0] == 0:
+            return True
+        positive = semantic_scores(features, self.prototypes)
+        closest = closest_negatives(
+            features, self.old_negatives, self.old_labels, self.prototypes.shape[0]
+        )
+        threshold = torch.maximum(positive, closest)[:, self.added_labels]  # (P, A)
+        similarity = features @ self.added_negatives.T
+        return bool((similarity < threshold - self.margin).all())
 
 
 def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

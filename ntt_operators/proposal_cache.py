@@ -2,6 +2,8 @@
 
 One entry per (dataset, proposal-shaping configuration, sample): the configuration is
 ``ntt_core.cache.proposal_identity``, the value the engine's bytes (``proposals_to_bytes``).
+Small stamp documents beside them record, per label field, what each sample was last scored
+from (``api.rescore``); replacing an entry drops its stamps.
 
 Not FiftyOne's ExecutionStore: the App server polls that store and sends every changed value to
 the App as JSON, and it cannot encode bytes, so each poll failed and started over (hundreds of
@@ -24,14 +26,16 @@ from ntt_core import NTTConfig
 from ntt_core.cache import proposal_identity
 
 COLLECTION = "ntt_proposal_cache"
+STAMPS = "ntt_proposal_stamps"
 
 
 class ProposalCache:
-    """The dataset's cached proposals for one configuration, with batched reads."""
+    """The dataset's cached proposals for one configuration, with batched reads, and per field
+    the stamps that say what each sample was last scored from (``api.rescore``)."""
 
     def __init__(self, dataset: fo.Dataset, config: NTTConfig) -> None:
-        self._entries = _entries()
-        _remove_entries_of_deleted_datasets(self._entries)
+        self._entries, self._stamps = _entries(), _stamps()
+        _remove_entries_of_deleted_datasets(self._entries, self._stamps)
         self._query = {"dataset_id": dataset._doc.id, "identity": proposal_identity(config)}
 
     def get(self, key: str) -> bytes | None:
@@ -40,6 +44,7 @@ class ProposalCache:
 
     def set(self, key: str, value: bytes) -> None:
         entry = {**self._query, "sample_id": key}
+        self._stamps.delete_many(entry)  # they describe the proposals being replaced
         self._entries.replace_one(entry, {**entry, "value": value}, upsert=True)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
@@ -48,6 +53,24 @@ class ProposalCache:
             {**self._query, "sample_id": {"$in": list(keys)}}, {"sample_id": 1, "value": 1}
         )
         return {doc["sample_id"]: bytes(doc["value"]) for doc in cursor}
+
+    def stamps(self, keys: Sequence[str], field: str) -> dict[str, dict]:
+        """The stamps of ``keys`` for ``field``: {sample id: {"epoch", "state"}}."""
+        cursor = self._stamps.find(
+            {**self._query, "field": field, "sample_id": {"$in": list(keys)}},
+            {"sample_id": 1, "epoch": 1, "state": 1, "_id": 0},
+        )
+        return {doc.pop("sample_id"): doc for doc in cursor}
+
+    def stamp(self, keys: Sequence[str], field: str, stamp: dict, batch_size: int = 5000) -> None:
+        """Records, for the samples ``keys``, what ``field`` was last scored from (a run's epoch
+        and scoring state)."""
+        for start in range(0, len(keys), batch_size):
+            chunk = list(keys[start : start + batch_size])
+            self._stamps.delete_many({**self._query, "field": field, "sample_id": {"$in": chunk}})
+            self._stamps.insert_many(
+                [{**self._query, "field": field, "sample_id": key, **stamp} for key in chunk]
+            )
 
     def present(self, keys: Sequence[str], batch_size: int = 5000) -> set[str]:
         """Which of ``keys`` have an entry (without reading the entries)."""
@@ -64,8 +87,10 @@ class ProposalCache:
 class Prefetched:
     """A batch of entries read ahead, in front of the cache (misses and writes go through)."""
 
-    def __init__(self, cache: ProposalCache, blobs: dict[str, bytes]) -> None:
-        self.cache, self.blobs = cache, blobs
+    def __init__(
+        self, cache: ProposalCache, blobs: dict[str, bytes], stamps: dict[str, dict] | None = None
+    ) -> None:
+        self.cache, self.blobs, self.stamps = cache, blobs, stamps or {}
 
     def get(self, key: str) -> bytes | None:
         return self.blobs[key] if key in self.blobs else self.cache.get(key)
@@ -81,6 +106,7 @@ def cached_proposal_count(dataset: fo.Dataset) -> int:
 
 def clear_proposal_cache(dataset: fo.Dataset) -> int:
     """Deletes every cached proposal of the dataset; returns how many entries went."""
+    _stamps().delete_many({"dataset_id": dataset._doc.id})
     return _entries().delete_many({"dataset_id": dataset._doc.id}).deleted_count
 
 
@@ -93,9 +119,19 @@ def _entries() -> Collection:
     return entries
 
 
-def _remove_entries_of_deleted_datasets(entries: Collection) -> None:
+def _stamps() -> Collection:
+    stamps = foo_odm.get_db_conn()[STAMPS]
+    stamps.create_index(
+        [(key, ASCENDING) for key in ("dataset_id", "identity", "field", "sample_id")],
+        unique=True,
+    )
+    return stamps
+
+
+def _remove_entries_of_deleted_datasets(entries: Collection, stamps: Collection) -> None:
     cached: list[ObjectId] = entries.distinct("dataset_id")
     existing = set(foo_odm.get_db_conn().datasets.distinct("_id", {"_id": {"$in": cached}}))
     deleted = [dataset_id for dataset_id in cached if dataset_id not in existing]
     if deleted:
         entries.delete_many({"dataset_id": {"$in": deleted}})
+        stamps.delete_many({"dataset_id": {"$in": deleted}})

@@ -12,6 +12,7 @@ from safetensors.torch import load, save
 
 from ntt_core import NTTConfig, NTTPredictor, Reference
 from ntt_core.cache import (
+    cached_features,
     predict_cached,
     proposal_identity,
     proposals_from_bytes,
@@ -126,3 +127,17 @@ def _with_tensors(blob: bytes, **replaced: torch.Tensor) -> bytes:
     (length,) = struct.unpack("<Q", blob[:8])
     metadata = json.loads(blob[8 : 8 + length])["__metadata__"]
     return save({**load(blob), **replaced}, metadata=metadata)
+
+
+def test_features_read_straight_from_an_entry_equal_the_full_read():
+    proposals = Proposals(
+        image_size=(4, 4),
+        pred_iou=torch.rand(3),
+        boxes=torch.rand(3, 4),
+        features=torch.randn(3, 7),
+        rles=[mask_utils.encode(np.asfortranarray(np.eye(4, dtype=np.uint8)))] * 3,
+    )
+    blob = proposals_to_bytes(proposals, "sum", "id")
+    assert torch.equal(cached_features(blob, "sum", "id"), proposals.features)
+    assert cached_features(blob, "sum", "other id") is None
+    assert cached_features(blob[:50], "sum", "id") is None

@@ -280,6 +280,55 @@ def test_tags_survive_rescoring_and_a_vanished_negative_stays_in_the_bank(banked
     assert api.load_memory_bank(dataset, "bank").negative_ids == [f"{sample_id}:{tagged.id}"]
 
 
+def _field_rows(dataset: fo.Dataset, field: str) -> list[list[tuple]]:
+    """Per sample: (label, confidence, mask bytes, box) of each prediction, in order."""
+    return [
+        [(d.label, d.confidence, d.mask.tobytes(), tuple(d.bounding_box)) for d in dets.detections]
+        if dets
+        else []
+        for dets in dataset.values(field)
+    ]
+
+
+def _same_predictions(dataset: fo.Dataset, field: str, other: str) -> None:
+    for ours, theirs in zip(_field_rows(dataset, field), _field_rows(dataset, other)):
+        assert [r[0] for r in ours] == [r[0] for r in theirs]
+        assert [r[2:] for r in ours] == [r[2:] for r in theirs]
+        assert [r[1] for r in ours] == pytest.approx([r[1] for r in theirs], abs=1e-6)
+
+
+def test_a_new_negative_rescores_only_the_images_it_can_change(banked):
+    dataset = banked
+    ids = dataset.values(f"{PREDICTIONS}.detections.id", unwind=True)
+    _tag(dataset, ids[:1], "negative", PREDICTIONS)
+    api.update_memory_bank(dataset, "bank")
+    out = api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
+    assert 0 < out["screened_unchanged"] <= out["unchanged"] and out["written"] > 0
+    assert out["written"] + out["unchanged"] == out["processed"]
+    # Skipping changed nothing: the field equals a full scoring with the same bank.
+    api.segment(dataset, "bank", "full", reuse_proposals=True)
+    _same_predictions(dataset, PREDICTIONS, "full")
+
+    # A negative removed changes the bank otherwise: every image is scored again.
+    dataset.select_labels(ids=ids[:1]).untag_labels("negative")
+    api.update_memory_bank(dataset, "bank")
+    out = api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
+    assert out["screened_unchanged"] == 0
+    api.segment(dataset, "bank", "full", reuse_proposals=True, overwrite=True)
+    _same_predictions(dataset, PREDICTIONS, "full")
+
+
+def test_no_image_is_skipped_after_a_run_that_did_not_stamp_the_cache(banked):
+    """A run without the cache writes the field but no stamp: the old stamps are not trusted."""
+    dataset = banked
+    api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=False, rescore=True)
+    ids = dataset.values(f"{PREDICTIONS}.detections.id", unwind=True)
+    _tag(dataset, ids[:1], "negative", PREDICTIONS)
+    api.update_memory_bank(dataset, "bank")
+    out = api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
+    assert out["screened_unchanged"] == 0
+
+
 def test_replacing_a_field_deletes_its_evaluations_and_says_so(banked):
     dataset = banked
     targets = dataset.match_tags("reference", bool=False)

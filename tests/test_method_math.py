@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 from ntt_core.bank import class_prototypes
 from ntt_core.masks import masks_from_logits
 from ntt_core.matching import (
+    NegativesScreen,
     assign_classes,
     overlap_decay,
     pooled_features,
@@ -204,3 +205,28 @@ def test_logits_become_full_resolution_masks_and_tight_boxes():
     assert mask[2:6, 2:6].all() and mask.sum() == 16
     assert masks.boxes_xyxy().tolist() == [[2.0, 2.0, 6.0, 6.0]]
     assert rle_boxes_xyxy([rle]).tolist() == [[2.0, 2.0, 6.0, 6.0]]
+
+
+def test_a_new_negative_changes_scores_only_above_the_prototype_and_older_negatives():
+    """f·p = 0.6 and f·n_old = 0.8: a new negative of the class matters only above 0.8."""
+    f = torch.tensor([[1.0, 0.0]])
+    prototypes = torch.tensor([[0.6, 0.8]])
+    old = torch.tensor([[0.8, 0.6]])
+
+    def screen_and_scores(new_similarity: float):
+        new = torch.tensor([[new_similarity, (1 - new_similarity**2) ** 0.5]])
+        negatives, labels = torch.cat([old, new]), torch.tensor([0, 0])
+        added = torch.tensor([False, True])
+        unchanged = NegativesScreen.of(prototypes, negatives, labels, added).unchanged(f)
+        before = scores_with_negatives(f, prototypes, old, labels[:1], 0.8)
+        after = scores_with_negatives(f, prototypes, negatives, labels, 0.8)
+        return unchanged, before, after
+
+    unchanged, before, after = screen_and_scores(0.7)
+    assert unchanged and torch.equal(before, after)
+    assert before.item() == pytest.approx(0.6 * math.exp(-0.2 / 0.8), abs=1e-6)
+    unchanged, before, after = screen_and_scores(0.9)
+    assert not unchanged
+    assert after.item() == pytest.approx(0.6 * math.exp(-0.3 / 0.8), abs=1e-6)
+    # Within the margin of the threshold counts as changed.
+    assert not screen_and_scores(0.8 - 1e-5)[0]

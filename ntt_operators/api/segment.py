@@ -33,8 +33,11 @@ from .common import (
     root_dataset,
     source_samples,
 )
+from .rescore import Stamping, plan_stamping
 
 RUNNING, COMPLETED = "running", "completed"
+UNCHANGED = object()
+"""A result that equals what the field holds (``rescore.Screen``): nothing to compare or write."""
 
 
 def segment_run_key(label_field: str) -> str:
@@ -147,6 +150,7 @@ def iter_segment(
     # Refuse a bank from another encoder now, on either backend, not once per sample.
     bank.check_compatible(encoder_identity(config), config.encoder_image_size)
     timings = dict.fromkeys(("read_cache", "score", "compare", "write"), 0.0)
+    stamping = None
     if backend == "ray":
         yield 0.0, "Loading models"
         # Lazy: the actors start when the loop below asks for the first result.
@@ -164,7 +168,12 @@ def iter_segment(
         all_cached = cache is not None and len(cache.present(sample_ids)) == len(sample_ids)
         yield 0.0, "Re-scoring cached proposals" if all_cached else "Loading models"
         predictor = yield from load_predictor(config, load=not all_cached)
-        results = _predict_locally(predictor, bank, sample_ids, filepaths, cache, timings)
+        if cache is not None:
+            screen = rescore and exists
+            stamping = plan_stamping(dataset, run_key, bank, config, screen, label_field)
+        results = _predict_locally(
+            predictor, bank, sample_ids, filepaths, cache, timings, stamping, label_field
+        )
 
     # One writer per field: a second run would interleave its samples and its run record.
     owner = locks.acquire(dataset, label_field)
@@ -179,8 +188,16 @@ def iter_segment(
         )
         # The record says "running" before the field changes, so a partial field never looks done.
         targets.register_run(run_key, run_config, overwrite=True)
+        recorded_stamps = stamping.record() if stamping else {}
         _save_status(
-            dataset, run_key, RUNNING, processed=0, skipped=skipped, failed={}, instances=0
+            dataset,
+            run_key,
+            RUNNING,
+            processed=0,
+            skipped=skipped,
+            failed={},
+            instances=0,
+            **recorded_stamps,
         )
         deleted_evaluations = _delete_evaluations(dataset, label_field) if exists else []
         if exists and not (skip_done or rescore):
@@ -197,6 +214,9 @@ def iter_segment(
             for k, (sample_id, result, error) in enumerate(results):
                 if error is not None:
                     failed[sample_id] = error
+                elif result is UNCHANGED:
+                    unchanged += 1
+                    instances += len(previous.get(sample_id, ([], {}))[0])
                 else:
                     instances += len(result)
                     with _timed(timings, "compare"):
@@ -211,6 +231,8 @@ def iter_segment(
             # Whatever happens, finished samples are kept so skip_done can continue from them.
             with _timed(timings, "write"):
                 writer.flush()
+        if stamping is not None:
+            stamping.stamp_scored(cache, [i for i in sample_ids if i not in failed])
         summary = {
             "label_field": label_field,
             "bank_name": bank_name,
@@ -223,9 +245,11 @@ def iter_segment(
             "instances": instances,
             "models_loaded": backend == "ray" or predictor.models_loaded,
             "deleted_evaluations": deleted_evaluations,
+            "screened_unchanged": stamping.screened if stamping else 0,
             "timings": {key: round(value, 3) for key, value in timings.items()},
         }
-        _save_status(dataset, run_key, COMPLETED, **{k: summary[k] for k in _COUNTS})
+        counts = {k: summary[k] for k in _COUNTS}
+        _save_status(dataset, run_key, COMPLETED, **counts, **recorded_stamps)
     finally:
         locks.release(dataset, label_field, owner)
     yield 1.0, f"Segmented {summary['processed']} samples into {label_field!r}"
@@ -311,29 +335,54 @@ def _predict_locally(
     filepaths: list[str],
     cache: ProposalCache | None,
     timings: dict[str, float],
+    stamping: Stamping | None = None,
+    label_field: str | None = None,
 ) -> Iterator[Result]:
-    """Per-sample results, cached proposals read ahead in batches."""
-    stores = _read_ahead(cache, sample_ids, timings) if cache else itertools.repeat(None)
+    """Per-sample results, cached proposals read ahead in batches; ``UNCHANGED`` for an image
+    the bank change cannot affect (``rescore.Screen``)."""
+    screen = stamping.screen if stamping else None
+    stores = (
+        _read_ahead(cache, sample_ids, timings, label_field if screen else None)
+        if cache
+        else itertools.repeat(None)
+    )
     for sample_id, filepath, store in zip(sample_ids, filepaths, stores):
         cached = store is not None and sample_id in store.blobs
         with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
+            if (
+                screen
+                and cached
+                and screen.unchanged(store.stamps.get(sample_id), store.blobs[sample_id], filepath)
+            ):
+                yield sample_id, UNCHANGED, None
+                continue
             outcome = predict_or_error(predictor, filepath, bank, store, sample_id)
         yield sample_id, *outcome
 
 
 def _read_ahead(
-    cache: ProposalCache, sample_ids: list[str], timings: dict[str, float], batch: int = 128
+    cache: ProposalCache,
+    sample_ids: list[str],
+    timings: dict[str, float],
+    stamped_field: str | None = None,
+    batch: int = 128,
 ) -> Iterator[Prefetched]:
-    """The cache in front of each sample: entries are read ``batch`` per query, the next batch
-    in a thread while this one is scored (``timings["read_cache"]`` is the wait left)."""
+    """The cache in front of each sample: entries (and their stamps for ``stamped_field``) are
+    read ``batch`` per query, the next batch in a thread while this one is scored
+    (``timings["read_cache"]`` is the wait left)."""
     batches = [sample_ids[start : start + batch] for start in range(0, len(sample_ids), batch)]
     with ThreadPoolExecutor(1, thread_name_prefix="ntt-cache-read") as reader:
-        pending = reader.submit(cache.get_many, batches[0]) if batches else None
+
+        def read(keys: list[str]) -> tuple[dict[str, bytes], dict[str, dict]]:
+            stamps = cache.stamps(keys, stamped_field) if stamped_field else {}
+            return cache.get_many(keys), stamps
+
+        pending = reader.submit(read, batches[0]) if batches else None
         for index, keys in enumerate(batches):
             with _timed(timings, "read_cache"):
-                store = Prefetched(cache, pending.result())
+                store = Prefetched(cache, *pending.result())
             if index + 1 < len(batches):
-                pending = reader.submit(cache.get_many, batches[index + 1])
+                pending = reader.submit(read, batches[index + 1])
             yield from itertools.repeat(store, len(keys))
 
 

@@ -1,0 +1,132 @@
+"""Re-scoring in place skips the images that a bank change cannot affect.
+
+Each cached entry has, per field, a stamp (``ProposalCache.stamps``): the epoch of the run that
+last scored it into the field and the scoring state that run used
+(``ntt_core.cache.scoring_state``). A run records its epoch and the states it knows in its run
+results. When only negatives were added since an
+image's stamp, and no proposal of the image resembles a new negative more than both its class
+prototype and that class's older negatives, every class score of the image is unchanged, so is
+its result, and the image is neither scored nor written.
+
+Every run starts a new epoch and stamps what it scored only once it completes: a run that
+stopped midway, or one that wrote the field without the cache, leaves no stamp to trust.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fiftyone as fo
+
+from ntt_core import MemoryBank, NTTConfig
+from ntt_core.cache import (
+    cached_features,
+    file_checksum,
+    negatives_added_since,
+    proposal_identity,
+    scoring_state,
+)
+from ntt_core.matching import NegativesScreen
+
+from ..proposal_cache import ProposalCache
+
+KEPT_STATES = 16
+"""Scoring states a field's run remembers (one per round, newest kept)."""
+
+
+@dataclass
+class Screen:
+    """Tells which cached images keep their predictions under the current bank."""
+
+    bank: MemoryBank
+    config: NTTConfig
+    epoch: str
+    states: dict[str, dict[str, Any]]
+    screened: int = field(default=0, init=False)
+    _since: dict = field(default_factory=dict, init=False)
+
+    def unchanged(self, stamp: dict | None, blob: bytes | None, filepath: str) -> bool:
+        if not stamp or blob is None or stamp.get("epoch") != self.epoch:
+            return False
+        added = self._added(stamp.get("state"))
+        if added is None:
+            return False
+        identity = proposal_identity(self.config)
+        features = cached_features(blob, file_checksum(filepath), identity)
+        if features is None:  # a stale entry: the image is proposed again
+            return False
+        kept = added.unchanged(features)
+        self.screened += kept
+        return kept
+
+    def _added(self, state: str | None) -> NegativesScreen | None:
+        """The test for the negatives added since ``state`` (None: the bank changed otherwise)."""
+        if state not in self._since:
+            recorded = self.states.get(state)
+            added = recorded and negatives_added_since(
+                self.bank, self.config, recorded["base"], recorded["negatives"]
+            )
+            bank = self.bank
+            self._since[state] = added is not None and NegativesScreen.of(
+                bank.prototypes, bank.negatives, bank.negative_labels, added
+            )
+        return self._since[state] or None
+
+
+@dataclass
+class Stamping:
+    """A run's epoch and scoring states, and the screen from the previous run (if usable)."""
+
+    epoch: str
+    stamp: dict[str, str]
+    states: dict[str, dict[str, Any]]
+    screen: Screen | None
+    label_field: str
+
+    @property
+    def screened(self) -> int:
+        return self.screen.screened if self.screen else 0
+
+    def record(self) -> dict[str, Any]:
+        """What the run's results keep for the next run's screen."""
+        return {"epoch": self.epoch, "scoring_states": self.states}
+
+    def stamp_scored(self, cache: ProposalCache, sample_ids: list[str]) -> None:
+        """Stamps the entries of the samples this run scored (once it has completed)."""
+        cache.stamp(sample_ids, self.label_field, self.stamp)
+
+
+def plan_stamping(
+    dataset: fo.Dataset,
+    run_key: str,
+    bank: MemoryBank,
+    config: NTTConfig,
+    screen: bool,
+    label_field: str,
+) -> Stamping:
+    """This run's epoch and states; ``screen``: skip images using the previous run's stamps,
+    which only a completed previous run of the field can provide."""
+    previous = _previous_results(dataset, run_key)
+    states = dict(previous.get("scoring_states") or {})
+    state, base, negatives = scoring_state(bank, config)
+    states.pop(state, None)
+    states[state] = {"base": base, "negatives": negatives}
+    states = dict(list(states.items())[-KEPT_STATES:])
+    epoch = uuid.uuid4().hex
+    usable = screen and previous.get("status") == "completed" and previous.get("epoch")
+    return Stamping(
+        epoch=epoch,
+        stamp={"epoch": epoch, "state": state},
+        states=states,
+        screen=Screen(bank, config, previous["epoch"], states) if usable else None,
+        label_field=label_field,
+    )
+
+
+def _previous_results(dataset: fo.Dataset, run_key: str) -> dict[str, Any]:
+    if run_key not in dataset.list_runs():
+        return {}
+    results = dataset.load_run_results(run_key, cache=False, load_view=False)
+    return {k: getattr(results, k, None) for k in ("status", "epoch", "scoring_states")}
