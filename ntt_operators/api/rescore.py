@@ -3,10 +3,10 @@
 Each cached entry has, per field, a stamp (``ProposalCache.stamps``): the epoch of the run that
 last scored it into the field and the scoring state that run used
 (``ntt_core.cache.scoring_state``). A run records its epoch and the states it knows in its run
-results. When only negatives were added since an
-image's stamp, and no proposal of the image resembles a new negative more than both its class
-prototype and that class's older negatives, every class score of the image is unchanged, so is
-its result, and the image is neither scored nor written.
+results. When only negatives were added since an image's stamp, and no proposal of the image
+resembles a new negative more than both its class prototype and that class's older negatives,
+every class score of the image is unchanged, so is its result, and the image is neither scored
+nor written.
 
 Every run starts a new epoch and stamps what it scored only once it completes: a run that
 stopped midway, or one that wrote the field without the cache, leaves no stamp to trust.
