@@ -87,14 +87,11 @@ def _counts_bytes(rle: dict) -> bytes:
 def proposals_from_bytes(blob: bytes, checksum: str, identity: str) -> Proposals | None:
     """The cached proposals, or None when the entry is stale, foreign or unreadable."""
     try:
-        (length,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(json.loads(blob[8 : 8 + length])["__metadata__"]["ntt_proposals"])
+        layout, header = _valid_layout(blob, checksum, identity)
         tensors = load_tensors(blob)
     except Exception:  # a damaged entry is recomputed, never trusted
         return None
-    expected = (CACHE_FORMAT, CACHE_VERSION, checksum, identity)
-    found = tuple(header.get(k) for k in ("format", "version", "checksum", "identity"))
-    if found != expected:
+    if layout is None:
         return None
     counts = tensors["rle_counts"].numpy().tobytes()
     ends = tensors["rle_lengths"].cumsum(0).tolist()
@@ -114,21 +111,26 @@ def cached_features(blob: bytes, checksum: str, identity: str) -> torch.Tensor |
     """The proposals' (P, C) features of a valid entry (None as ``proposals_from_bytes``),
     read straight from the bytes: the masks are not unpacked."""
     try:
-        (length,) = struct.unpack("<Q", blob[:8])
-        layout = json.loads(blob[8 : 8 + length])
-        header = json.loads(layout["__metadata__"]["ntt_proposals"])
-        if (header.get("format"), header.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
-            return None
-        if (header.get("checksum"), header.get("identity")) != (checksum, identity):
+        layout, _ = _valid_layout(blob, checksum, identity)
+        if layout is None or layout["features"]["dtype"] != "F32":
             return None
         features = layout["features"]
-        if features["dtype"] != "F32":
-            return None
-        start, end = (8 + length + offset for offset in features["data_offsets"])
+        start, end = (layout["data_start"] + offset for offset in features["data_offsets"])
         values = np.frombuffer(blob, dtype="<f4", count=(end - start) // 4, offset=start)
         return torch.from_numpy(values.reshape(features["shape"]).copy())
     except Exception:
         return None
+
+
+def _valid_layout(blob: bytes, checksum: str, identity: str) -> tuple[dict | None, dict]:
+    """The entry's safetensors layout (with ``data_start``, where the tensor bytes begin) and
+    our header; the layout is None when the entry is stale or foreign. Raises if unreadable."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    layout = json.loads(blob[8 : 8 + length])
+    header = json.loads(layout["__metadata__"]["ntt_proposals"])
+    expected = (CACHE_FORMAT, CACHE_VERSION, checksum, identity)
+    found = tuple(header.get(k) for k in ("format", "version", "checksum", "identity"))
+    return ({**layout, "data_start": 8 + length} if found == expected else None), header
 
 
 def scoring_state(bank: MemoryBank, config: NTTConfig) -> tuple[str, str, list[str]]:
@@ -152,16 +154,17 @@ def scoring_state(bank: MemoryBank, config: NTTConfig) -> tuple[str, str, list[s
 
 
 def negatives_added_since(
-    bank: MemoryBank, config: NTTConfig, base: str, negatives: list[str]
+    current: tuple[str, list[str]], recorded: tuple[str, list[str]]
 ) -> torch.Tensor | None:
-    """(M,) bool: which of the bank's negatives are new since the scoring state ``base`` +
-    ``negatives``; None when the bank changed in any other way (classes, prototypes,
-    settings, a negative removed): then every image must be re-scored."""
-    _, current_base, current = scoring_state(bank, config)
-    if current_base != base or not set(negatives) <= set(current):
+    """Which of the current negatives are new since a recorded scoring state, both given as
+    ``(base, negatives)`` of ``scoring_state``: (M,) bool, in the bank's order. None when the
+    bank changed in any other way (classes, prototypes, settings, a negative removed): then
+    every image must be re-scored."""
+    (base, negatives), (recorded_base, recorded_negatives) = current, recorded
+    before = set(recorded_negatives)
+    if base != recorded_base or not before <= set(negatives):
         return None
-    before = set(negatives)
-    return torch.tensor([key not in before for key in current], dtype=torch.bool)
+    return torch.tensor([key not in before for key in negatives], dtype=torch.bool)
 
 
 def predict_cached(

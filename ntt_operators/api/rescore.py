@@ -41,8 +41,12 @@ class Screen:
     """Tells which cached images keep their predictions under the current bank."""
 
     bank: MemoryBank
-    config: NTTConfig
+    identity: str
+    """The proposals' ``proposal_identity``."""
     epoch: str
+    """The previous run's: only stamps it wrote are trusted."""
+    current: tuple[str, list[str]]
+    """``(base, negatives)`` of the current scoring state."""
     states: dict[str, dict[str, Any]]
     screened: int = field(default=0, init=False)
     _since: dict = field(default_factory=dict, init=False)
@@ -53,8 +57,7 @@ class Screen:
         added = self._added(stamp.get("state"))
         if added is None:
             return False
-        identity = proposal_identity(self.config)
-        features = cached_features(blob, file_checksum(filepath), identity)
+        features = cached_features(blob, file_checksum(filepath), self.identity)
         if features is None:  # a stale entry: the image is proposed again
             return False
         kept = added.unchanged(features)
@@ -66,7 +69,7 @@ class Screen:
         if state not in self._since:
             recorded = self.states.get(state)
             added = recorded and negatives_added_since(
-                self.bank, self.config, recorded["base"], recorded["negatives"]
+                self.current, (recorded["base"], recorded["negatives"])
             )
             bank = self.bank
             self._since[state] = added is not None and NegativesScreen.of(
@@ -77,9 +80,9 @@ class Screen:
 
 @dataclass
 class Stamping:
-    """A run's epoch and scoring states, and the screen from the previous run (if usable)."""
+    """A run's stamp (epoch and scoring state) and the states it knows, and the screen from
+    the previous run (if usable)."""
 
-    epoch: str
     stamp: dict[str, str]
     states: dict[str, dict[str, Any]]
     screen: Screen | None
@@ -91,7 +94,7 @@ class Stamping:
 
     def record(self) -> dict[str, Any]:
         """What the run's results keep for the next run's screen."""
-        return {"epoch": self.epoch, "scoring_states": self.states}
+        return {"epoch": self.stamp["epoch"], "scoring_states": self.states}
 
     def stamp_scored(self, cache: ProposalCache, sample_ids: list[str]) -> None:
         """Stamps the entries of the samples this run scored (once it has completed)."""
@@ -106,7 +109,7 @@ def plan_stamping(
     screen: bool,
     label_field: str,
 ) -> Stamping:
-    """This run's epoch and states; ``screen``: skip images using the previous run's stamps,
+    """This run's stamp and states; ``screen``: skip images using the previous run's stamps,
     which only a completed previous run of the field can provide."""
     previous = _previous_results(dataset, run_key)
     states = dict(previous.get("scoring_states") or {})
@@ -114,13 +117,15 @@ def plan_stamping(
     states.pop(state, None)
     states[state] = {"base": base, "negatives": negatives}
     states = dict(list(states.items())[-KEPT_STATES:])
-    epoch = uuid.uuid4().hex
     usable = screen and previous.get("status") == "completed" and previous.get("epoch")
     return Stamping(
-        epoch=epoch,
-        stamp={"epoch": epoch, "state": state},
+        stamp={"epoch": uuid.uuid4().hex, "state": state},
         states=states,
-        screen=Screen(bank, config, previous["epoch"], states) if usable else None,
+        screen=(
+            Screen(bank, proposal_identity(config), previous["epoch"], (base, negatives), states)
+            if usable
+            else None
+        ),
         label_field=label_field,
     )
 

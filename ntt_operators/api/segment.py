@@ -171,9 +171,7 @@ def iter_segment(
         if cache is not None:
             screen = rescore and exists
             stamping = plan_stamping(dataset, run_key, bank, config, screen, label_field)
-        results = _predict_locally(
-            predictor, bank, sample_ids, filepaths, cache, timings, stamping, label_field
-        )
+        results = _predict_locally(predictor, bank, sample_ids, filepaths, cache, timings, stamping)
 
     # One writer per field: a second run would interleave its samples and its run record.
     owner = locks.acquire(dataset, label_field)
@@ -336,13 +334,12 @@ def _predict_locally(
     cache: ProposalCache | None,
     timings: dict[str, float],
     stamping: Stamping | None = None,
-    label_field: str | None = None,
 ) -> Iterator[Result]:
     """Per-sample results, cached proposals read ahead in batches; ``UNCHANGED`` for an image
     the bank change cannot affect (``rescore.Screen``)."""
     screen = stamping.screen if stamping else None
     stores = (
-        _read_ahead(cache, sample_ids, timings, label_field if screen else None)
+        _read_ahead(cache, sample_ids, timings, stamping.label_field if screen else None)
         if cache
         else itertools.repeat(None)
     )

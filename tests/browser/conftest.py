@@ -24,6 +24,8 @@ from ntt_operators import sandbox
 
 TIMEOUT_MS = int(os.environ.get("NTT_BROWSER_TIMEOUT_MS", 120_000))
 """Generous: two shared CPU cores, and the first model load happens inside the App server."""
+RUN_TIMEOUT_MS = 600_000
+"""A whole run in the App server: generous, the machine's cores are shared."""
 APP_SERVER_LOG = "app-server.log"
 APP_ERRORS = re.compile(r"^(GraphQL API Error|What went wrong)$")
 """The App's error page, and the result dialog of a run that failed (``forms.failure_outputs``)."""
@@ -63,6 +65,15 @@ def browser_page(app_url):
         page.set_default_timeout(TIMEOUT_MS)
         yield page
         browser.close()
+
+
+def persistent_dataset(name: str):
+    """A new, empty dataset the App server (another process) can load, replacing a leftover."""
+    import fiftyone as fo
+
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+    return fo.Dataset(name, persistent=True)
 
 
 class CuratorApp:

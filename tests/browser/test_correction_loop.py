@@ -18,13 +18,14 @@ import pytest
 from ntt_core import NTTConfig
 from ntt_operators import api
 
+from .conftest import RUN_TIMEOUT_MS, persistent_dataset
+
 DATASET = "ntt-browser-loop"
 PREDICTIONS = "ntt_predictions"
 CLASS = "square"
 """One class only, as in ``tests/test_corrections.py``: a negative changes scores, never a class."""
 BOXED_SAMPLES = 2
 TINY = NTTConfig.tiny(weights="random", device="cpu")
-RUN_TIMEOUT_MS = 600_000
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
@@ -35,9 +36,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def dataset(scene_files):
     """No label field but ``boxes``: every square of two samples, as the Annotate tab draws it."""
-    if fo.dataset_exists(DATASET):
-        fo.delete_dataset(DATASET)
-    dataset = fo.Dataset(DATASET, persistent=True)  # the App server is another process
+    dataset = persistent_dataset(DATASET)
     dataset.add_samples(fo.Sample(filepath=path) for path, _ in scene_files)
     dataset.compute_metadata()
     dataset.add_sample_field("boxes", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)

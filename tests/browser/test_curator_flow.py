@@ -16,11 +16,11 @@ from fiftyone.operators.delegated import DelegatedOperationService
 from ntt_core import NTTConfig
 from ntt_operators import api
 
+from .conftest import RUN_TIMEOUT_MS, persistent_dataset
+
 PLUGIN = "@ntt/no_time_to_train"
 DATASET = "ntt-browser"
 TINY = NTTConfig.tiny(weights="random", device="cpu")
-RUN_TIMEOUT_MS = 600_000
-"""A whole run in the App server: generous, the machine's cores are shared."""
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
@@ -31,9 +31,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def dataset(scene_files):
     """The scenes, plus a 'star' instance no reference will be tagged for."""
-    if fo.dataset_exists(DATASET):
-        fo.delete_dataset(DATASET)
-    dataset = fo.Dataset(DATASET, persistent=True)  # the App server is another process
+    dataset = persistent_dataset(DATASET)
     samples = []
     # The first tile (the one tagged in the modal) shows an instance of each class.
     # Four scenes keep the runs short on two CPU cores.
