@@ -22,6 +22,7 @@ from safetensors.torch import save as save_tensors
 
 from .bank import MemoryBank
 from .config import NTTConfig
+from .errors import ImageError
 from .pipeline import NTTPredictor
 from .proposals import Proposals
 from .result import Instances
@@ -50,10 +51,16 @@ def proposal_identity(config: NTTConfig) -> str:
 
 
 def file_checksum(path: str | Path) -> str:
+    """SHA-256 of the file; ``ImageError`` when it cannot be read (one sample's failure)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError as error:
+        raise ImageError(f"Image file not found: {path}") from error
+    except OSError as error:
+        raise ImageError(f"Cannot read image {path}: {error}") from error
     return digest.hexdigest()
 
 
@@ -168,13 +175,19 @@ def negatives_added_since(
 
 
 def predict_cached(
-    predictor: NTTPredictor, image_path: str | Path, bank, store: ProposalStore, key: str
+    predictor: NTTPredictor,
+    image_path: str | Path,
+    bank: MemoryBank,
+    store: ProposalStore,
+    key: str,
+    checksum: str | None = None,
 ) -> tuple[Instances, bool]:
     """Scores cached proposals when the store has a valid entry, else computes and stores them.
 
+    ``checksum`` is the image file's (``file_checksum``), when the caller has it already.
     Returns the instances and whether the cache was used.
     """
-    checksum = file_checksum(image_path)
+    checksum = checksum or file_checksum(image_path)
     identity = proposal_identity(predictor.config)
     blob = store.get(key)
     proposals = proposals_from_bytes(blob, checksum, identity) if blob else None

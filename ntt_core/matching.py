@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,16 +124,23 @@ class NegativesScreen:
             negative_labels[added],
         )
 
-    def unchanged(self, features: torch.Tensor) -> bool:
-        if self.added_negatives.shape[0] == 0:
-            return True
-        positive = semantic_scores(features, self.prototypes)
+    def unchanged(self, features: Sequence[torch.Tensor]) -> list[bool]:
+        """For each image's (P, C) proposal features, whether all its class scores stay as they
+        were. One pass over all the images' proposals: per image, the work is a few dozen rows."""
+        if self.added_negatives.shape[0] == 0 or not features:
+            return [True] * len(features)
+        stacked = torch.cat(list(features))
+        positive = semantic_scores(stacked, self.prototypes)
         closest = closest_negatives(
-            features, self.old_negatives, self.old_labels, self.prototypes.shape[0]
+            stacked, self.old_negatives, self.old_labels, self.prototypes.shape[0]
         )
         threshold = torch.maximum(positive, closest)[:, self.added_labels]  # (P, A)
-        similarity = features @ self.added_negatives.T
-        return bool((similarity < threshold - self.margin).all())
+        similarity = stacked @ self.added_negatives.T
+        moved = (similarity >= threshold - self.margin).any(dim=1).float()
+        sizes = torch.tensor([len(f) for f in features])
+        image = torch.repeat_interleave(torch.arange(len(features)), sizes)
+        moved_per_image = torch.zeros(len(features)).index_add_(0, image, moved)
+        return (moved_per_image == 0).tolist()
 
 
 def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,14 +39,16 @@ def predict_or_error(
     bank: MemoryBank,
     store: ProposalStore | None = None,
     key: str = "",
+    checksum: str | None = None,
 ) -> tuple[Instances | None, str | None]:
     """One image's instances, or the reason it failed (an unreadable image must not stop a run).
 
-    With a ``store``, proposals cached under ``key`` are re-scored instead of recomputed.
+    With a ``store``, proposals cached under ``key`` are re-scored instead of recomputed
+    (``checksum``: the image file's, when the caller has it already).
     """
     try:
         if store is not None:
-            return predict_cached(predictor, filepath, bank, store, key)[0], None
+            return predict_cached(predictor, filepath, bank, store, key, checksum)[0], None
         return predictor.predict(filepath, bank), None
     except NTTError as error:
         return None, f"{type(error).__name__}: {error}"

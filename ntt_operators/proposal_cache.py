@@ -85,12 +85,18 @@ class ProposalCache:
 
 
 class Prefetched:
-    """A batch of entries read ahead, in front of the cache (misses and writes go through)."""
+    """A batch of entries read ahead, in front of the cache (misses and writes go through),
+    with their stamps and the checksums of their image files (None: unreadable)."""
 
     def __init__(
-        self, cache: ProposalCache, blobs: dict[str, bytes], stamps: dict[str, dict] | None = None
+        self,
+        cache: ProposalCache,
+        blobs: dict[str, bytes],
+        stamps: dict[str, dict] | None = None,
+        checksums: dict[str, str | None] | None = None,
     ) -> None:
-        self.cache, self.blobs, self.stamps = cache, blobs, stamps or {}
+        self.cache, self.blobs = cache, blobs
+        self.stamps, self.checksums = stamps or {}, checksums or {}
 
     def get(self, key: str) -> bytes | None:
         return self.blobs[key] if key in self.blobs else self.cache.get(key)

@@ -24,7 +24,7 @@ from ntt_core.cache import file_checksum, proposal_identity, proposals_from_byte
 from ntt_core.coco import json_ready_rle
 from ntt_operators import api, forms
 from ntt_operators.cli import main as ntt_main
-from ntt_operators.labels import prediction_ids
+from ntt_operators.labels import FieldWriter, ScoreEdit, prediction_ids
 from ntt_operators.proposal_cache import ProposalCache
 
 TINY = NTTConfig.tiny(weights="random", device="cpu")
@@ -281,9 +281,16 @@ def test_tags_survive_rescoring_and_a_vanished_negative_stays_in_the_bank(banked
 
 
 def _field_rows(dataset: fo.Dataset, field: str) -> list[list[tuple]]:
-    """Per sample: (label, confidence, mask bytes, box) of each prediction, in order."""
+    """Per sample: (label, confidence, mask bytes, box) of each prediction, in mask order (an
+    in-place update keeps the list's order, a full write sorts it by score)."""
     return [
-        [(d.label, d.confidence, d.mask.tobytes(), tuple(d.bounding_box)) for d in dets.detections]
+        sorted(
+            (
+                (d.label, d.confidence, d.mask.tobytes(), tuple(d.bounding_box))
+                for d in dets.detections
+            ),
+            key=lambda row: row[2:],
+        )
         if dets
         else []
         for dets in dataset.values(field)
@@ -305,6 +312,9 @@ def test_a_new_negative_rescores_only_the_images_it_can_change(banked):
     out = api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
     assert 0 < out["screened_unchanged"] <= out["unchanged"] and out["written"] > 0
     assert out["written"] + out["unchanged"] == out["processed"]
+    # The negative only lowers scores: the images it changes keep their masks, so only their
+    # labels and confidences are updated.
+    assert 0 < out["edited"] <= out["written"]
     # Skipping changed nothing: the field equals a full scoring with the same bank.
     api.segment(dataset, "bank", "full", reuse_proposals=True)
     _same_predictions(dataset, PREDICTIONS, "full")
@@ -510,3 +520,30 @@ def test_cli_update_bank_and_rescore(banked, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "No model ran: every target was re-scored from cached proposals." in out
     assert np.isfinite(predictions(banked)[pred][1])
+
+
+def test_a_score_edit_changes_labels_and_confidences_only():
+    mask = np.zeros((4, 5), dtype=bool)
+    mask[1:3, 1:4] = True
+    kept, relabelled, dropped = (
+        fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.5, 0.5], mask=mask, confidence=c)
+        for c in (0.9, 0.8, 0.7)
+    )
+    kept.tags, relabelled.tags = ["reviewed"], ["negative"]
+    dataset = fo.Dataset()
+    try:
+        sample = fo.Sample(filepath="/nowhere.png", pred=fo.Detections(detections=[kept]))
+        sample["pred"].detections += [relabelled, dropped]
+        dataset.add_sample(sample)
+        writer = FieldWriter(dataset, "pred", batch_size=16)
+        edit = ScoreEdit({relabelled.id: ("b", 0.25)}, removed=[dropped.id])
+        writer.add(sample.id, edit)
+        writer.flush()
+
+        sample.reload()
+        rows = [(d.id, d.label, d.confidence, d.tags) for d in sample.pred.detections]
+        assert rows == [(kept.id, "a", 0.9, ["reviewed"]), (relabelled.id, "b", 0.25, ["negative"])]
+        assert all(np.array_equal(d.mask, mask) for d in sample.pred.detections)
+        assert writer.written == writer.edited == 1
+    finally:
+        dataset.delete()

@@ -217,7 +217,7 @@ def test_a_new_negative_changes_scores_only_above_the_prototype_and_older_negati
         new = torch.tensor([[new_similarity, (1 - new_similarity**2) ** 0.5]])
         negatives, labels = torch.cat([old, new]), torch.tensor([0, 0])
         added = torch.tensor([False, True])
-        unchanged = NegativesScreen.of(prototypes, negatives, labels, added).unchanged(f)
+        (unchanged,) = NegativesScreen.of(prototypes, negatives, labels, added).unchanged([f])
         before = scores_with_negatives(f, prototypes, old, labels[:1], 0.8)
         after = scores_with_negatives(f, prototypes, negatives, labels, 0.8)
         return unchanged, before, after
@@ -230,3 +230,16 @@ def test_a_new_negative_changes_scores_only_above_the_prototype_and_older_negati
     assert after.item() == pytest.approx(0.6 * math.exp(-0.3 / 0.8), abs=1e-6)
     # Within the margin of the threshold counts as changed.
     assert not screen_and_scores(0.8 - 1e-5)[0]
+
+
+def test_the_negatives_screen_judges_each_image_of_a_batch_on_its_own_proposals():
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    negatives, labels = torch.tensor([[0.6, 0.8]]), torch.tensor([1])
+    screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]))
+    # Class 1's threshold is max(f·p_1, 0) = f_y; the new negative's similarity 0.6 f_x + 0.8 f_y
+    # exceeds it only for the second image's second proposal (0.6 + 0 > 0).
+    far = torch.tensor([[0.0, 1.0]])  # 0.8 < 1.0
+    near = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    empty = torch.zeros(0, 2)
+    assert screen.unchanged([far, near, empty, far]) == [True, False, True, True]
+    assert screen.unchanged([]) == []

@@ -120,3 +120,22 @@ def test_the_cache_is_refused_with_ray_before_anything_changes(scene_dataset):
     with pytest.raises(PluginInputError, match="reuse_proposals"):
         api.segment(scene_dataset, "bank", "ntt", backend="ray", reuse_proposals=True)
     assert not scene_dataset.has_sample_field("ntt")
+
+
+def test_an_image_gone_since_it_was_cached_fails_alone(scene_dataset, run_dir):
+    """Cached proposals are checked against the image file, so a missing file is that sample's
+    failure, as without the cache, and the other samples are re-scored."""
+    copy = run_dir / "gone_after_caching.png"
+    copy.write_bytes(open(scene_dataset.first().filepath, "rb").read())
+    gone = fo.Sample(filepath=str(copy))
+    scene_dataset.add_sample(gone)
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    api.segment(scene_dataset, "bank", "pred", reuse_proposals=True)
+    copy.unlink()
+
+    out = api.segment(scene_dataset, "bank", "pred", reuse_proposals=True, rescore=True)
+    assert list(out["failed"]) == [gone.id]
+    assert out["failed"][gone.id] == f"ImageError: Image file not found: {copy}"
+    assert out["processed"] == len(scene_dataset.match_tags("reference", bool=False)) - 1
+    assert out["models_loaded"] is False

@@ -15,22 +15,23 @@ stopped midway, or one that wrote the field without the cache, leaves no stamp t
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import fiftyone as fo
+import torch
 
 from ntt_core import MemoryBank, NTTConfig
 from ntt_core.cache import (
     cached_features,
-    file_checksum,
     negatives_added_since,
     proposal_identity,
     scoring_state,
 )
 from ntt_core.matching import NegativesScreen
 
-from ..proposal_cache import ProposalCache
+from ..proposal_cache import Prefetched, ProposalCache
 
 KEPT_STATES = 16
 """Scoring states a field's run remembers (one per round, newest kept)."""
@@ -51,17 +52,25 @@ class Screen:
     screened: int = field(default=0, init=False)
     _since: dict = field(default_factory=dict, init=False)
 
-    def unchanged(self, stamp: dict | None, blob: bytes | None, filepath: str) -> bool:
-        if not stamp or blob is None or stamp.get("epoch") != self.epoch:
-            return False
-        added = self._added(stamp.get("state"))
-        if added is None:
-            return False
-        features = cached_features(blob, file_checksum(filepath), self.identity)
-        if features is None:  # a stale entry: the image is proposed again
-            return False
-        kept = added.unchanged(features)
-        self.screened += kept
+    def unchanged(self, store: Prefetched, sample_ids: Sequence[str]) -> set[str]:
+        """The samples of ``sample_ids`` (all in ``store``'s batch) whose predictions the bank
+        change leaves as they are; one screen per recorded state, over all its images at once."""
+        by_state: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for sample_id in sample_ids:
+            stamp, blob = store.stamps.get(sample_id), store.blobs.get(sample_id)
+            checksum = store.checksums.get(sample_id)
+            if not stamp or blob is None or checksum is None or stamp.get("epoch") != self.epoch:
+                continue
+            if self._added(stamp.get("state")) is None:
+                continue
+            features = cached_features(blob, checksum, self.identity)
+            if features is not None:  # else a stale entry: the image is proposed again
+                by_state.setdefault(stamp["state"], []).append((sample_id, features))
+        kept = set()
+        for state, entries in by_state.items():
+            verdicts = self._added(state).unchanged([features for _, features in entries])
+            kept.update(sample_id for (sample_id, _), same in zip(entries, verdicts) if same)
+        self.screened += len(kept)
         return kept
 
     def _added(self, state: str | None) -> NegativesScreen | None:

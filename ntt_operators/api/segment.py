@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +12,13 @@ from typing import Any, Literal
 import fiftyone as fo
 import torch
 
-from ntt_core import Instances, MemoryBank, NTTConfig, NTTPredictor
+from ntt_core import Instances, MemoryBank, NTTConfig, NTTError, NTTPredictor
+from ntt_core.cache import file_checksum
 from ntt_core.models import encoder_identity
 from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
 from .. import locks
-from ..labels import FieldWriter, instances_to_detections, prediction_ids
+from ..labels import FieldWriter, ScoreEdit, instances_to_detections, prediction_ids
 from ..proposal_cache import Prefetched, ProposalCache
 from .bank import load_memory_bank, memory_bank_config
 from .common import (
@@ -83,8 +83,10 @@ def segment(
     each prediction keeps its id and tags while its proposal survives (ids derive from the
     field, the sample and the mask), only samples whose predictions changed are written, and
     samples outside the targets (the references, accepted predictions included) are left as
-    they are. Replacing a field (``overwrite`` or ``rescore``) deletes the evaluations computed
-    on it, listed in ``deleted_evaluations``.
+    they are. A sample whose predictions all keep their masks gets only their new labels and
+    confidences (counted in ``edited``; masks are not rewritten and the list keeps its order).
+    Replacing a field (``overwrite`` or ``rescore``) deletes the evaluations computed on it,
+    listed in ``deleted_evaluations``.
     """
     steps = iter_segment(
         dataset_or_view,
@@ -149,7 +151,7 @@ def iter_segment(
 
     # Refuse a bank from another encoder now, on either backend, not once per sample.
     bank.check_compatible(encoder_identity(config), config.encoder_image_size)
-    timings = dict.fromkeys(("read_cache", "score", "compare", "write"), 0.0)
+    timings = dict.fromkeys(("read_cache", "screen", "score", "compare", "write"), 0.0)
     stamping = None
     if backend == "ray":
         yield 0.0, "Loading models"
@@ -237,6 +239,7 @@ def iter_segment(
             "run_key": run_key,
             "processed": writer.written + unchanged,
             "written": writer.written,
+            "edited": writer.edited,
             "unchanged": unchanged,
             "skipped": skipped,
             "failed": failed,
@@ -283,20 +286,23 @@ def _previous_predictions(collection: Collection, label_field: str) -> Previous:
 
 def _detections(
     result: Instances, label_field: str, sample_id: str, previous: Previous | None
-) -> fo.Detections | None:
-    """The sample's new detections, or None when they equal what the field holds.
-
-    Ids derive from the mask, so equal (id, label, confidence) rows mean equal predictions;
-    tags of the predictions that persist are carried over.
+) -> fo.Detections | ScoreEdit | None:
+    """What to write for the sample: None when its predictions equal what the field holds, a
+    ``ScoreEdit`` when every new prediction is already there (same mask, so same id) with
+    another label or confidence, else the new detections, with the tags of those that persist.
     """
     seed = f"{label_field}:{sample_id}"
     if previous is None:
         return instances_to_detections(result, seed=seed)
     rows, tags = previous.get(sample_id, ([], {}))
     ids = [str(i) for i in prediction_ids(seed, result.rles)]
-    new_rows = list(zip(ids, result.label_names, map(float, result.scores)))
-    if new_rows == rows:
+    new = dict(zip(ids, zip(result.label_names, map(float, result.scores))))
+    old = {label_id: (label, confidence) for label_id, label, confidence in rows}
+    if new == old:
         return None
+    if new.keys() <= old.keys():
+        changed = {i: value for i, value in new.items() if old[i] != value}
+        return ScoreEdit(changed, removed=[i for i in old if i not in new])
     detections = instances_to_detections(result, seed=seed)
     for detection in detections.detections:
         detection.tags = list(tags.get(detection.id, []))
@@ -337,50 +343,65 @@ def _predict_locally(
 ) -> Iterator[Result]:
     """Per-sample results, cached proposals read ahead in batches; ``UNCHANGED`` for an image
     the bank change cannot affect (``rescore.Screen``)."""
+    if cache is None:
+        for sample_id, filepath in zip(sample_ids, filepaths):
+            with _timed(timings, "score"):
+                outcome = predict_or_error(predictor, filepath, bank)
+            yield sample_id, *outcome
+        return
     screen = stamping.screen if stamping else None
-    stores = (
-        _read_ahead(cache, sample_ids, timings, stamping.label_field if screen else None)
-        if cache
-        else itertools.repeat(None)
-    )
-    for sample_id, filepath, store in zip(sample_ids, filepaths, stores):
-        cached = store is not None and sample_id in store.blobs
-        with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
-            if (
-                screen
-                and cached
-                and screen.unchanged(store.stamps.get(sample_id), store.blobs[sample_id], filepath)
-            ):
+    stamped_field = stamping.label_field if screen else None
+    for keys, paths, store in _read_ahead(cache, sample_ids, filepaths, timings, stamped_field):
+        with _timed(timings, "screen"), _one_thread():
+            kept = screen.unchanged(store, keys) if screen else set()
+        for sample_id, filepath in zip(keys, paths):
+            if sample_id in kept:
                 yield sample_id, UNCHANGED, None
                 continue
-            outcome = predict_or_error(predictor, filepath, bank, store, sample_id)
-        yield sample_id, *outcome
+            cached = sample_id in store.blobs
+            checksum = store.checksums.get(sample_id)
+            with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
+                outcome = predict_or_error(predictor, filepath, bank, store, sample_id, checksum)
+            yield sample_id, *outcome
 
 
 def _read_ahead(
     cache: ProposalCache,
     sample_ids: list[str],
+    filepaths: list[str],
     timings: dict[str, float],
     stamped_field: str | None = None,
     batch: int = 128,
-) -> Iterator[Prefetched]:
-    """The cache in front of each sample: entries (and their stamps for ``stamped_field``) are
-    read ``batch`` per query, the next batch in a thread while this one is scored
-    (``timings["read_cache"]`` is the wait left)."""
-    batches = [sample_ids[start : start + batch] for start in range(0, len(sample_ids), batch)]
+) -> Iterator[tuple[list[str], list[str], Prefetched]]:
+    """The samples in batches, each with the cache in front of it: entries (and their stamps
+    for ``stamped_field``, and their image files' checksums) are read ``batch`` per query, the
+    next batch in a thread while this one is scored (``timings["read_cache"]`` is the wait
+    left). Hashing and reading release the GIL, so the thread works beside the scoring."""
+    starts = range(0, len(sample_ids), batch)
+    batches = [(sample_ids[i : i + batch], filepaths[i : i + batch]) for i in starts]
+
+    def read(keys: list[str], paths: list[str]) -> Prefetched:
+        blobs = cache.get_many(keys)
+        stamps = cache.stamps(keys, stamped_field) if stamped_field else {}
+        checksums = {key: _checksum_or_none(path) for key, path in zip(keys, paths) if key in blobs}
+        return Prefetched(cache, blobs, stamps, checksums)
+
     with ThreadPoolExecutor(1, thread_name_prefix="ntt-cache-read") as reader:
-
-        def read(keys: list[str]) -> tuple[dict[str, bytes], dict[str, dict]]:
-            stamps = cache.stamps(keys, stamped_field) if stamped_field else {}
-            return cache.get_many(keys), stamps
-
-        pending = reader.submit(read, batches[0]) if batches else None
-        for index, keys in enumerate(batches):
+        pending = reader.submit(read, *batches[0]) if batches else None
+        for index, (keys, paths) in enumerate(batches):
             with _timed(timings, "read_cache"):
-                store = Prefetched(cache, *pending.result())
+                store = pending.result()
             if index + 1 < len(batches):
-                pending = reader.submit(read, batches[index + 1])
-            yield from itertools.repeat(store, len(keys))
+                pending = reader.submit(read, *batches[index + 1])
+            yield keys, paths, store
+
+
+def _checksum_or_none(path: str) -> str | None:
+    """None for a file that cannot be read: scoring it reports why, for that sample only."""
+    try:
+        return file_checksum(path)
+    except NTTError:
+        return None
 
 
 @contextlib.contextmanager
