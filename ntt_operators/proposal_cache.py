@@ -64,12 +64,19 @@ class ProposalCache:
 
     def stamp(self, keys: Sequence[str], field: str, stamp: dict, batch_size: int = 5000) -> None:
         """Records, for the samples ``keys``, what ``field`` was last scored from (a run's epoch
-        and scoring state)."""
+        and scoring state). Existing stamps are updated in place: one command per batch."""
         for start in range(0, len(keys), batch_size):
             chunk = list(keys[start : start + batch_size])
-            self._stamps.delete_many({**self._query, "field": field, "sample_id": {"$in": chunk}})
+            query = {**self._query, "field": field, "sample_id": {"$in": chunk}}
+            if self._stamps.update_many(query, {"$set": stamp}).matched_count == len(chunk):
+                continue
+            stamped = set(self._stamps.distinct("sample_id", query))
             self._stamps.insert_many(
-                [{**self._query, "field": field, "sample_id": key, **stamp} for key in chunk]
+                [
+                    {**self._query, "field": field, "sample_id": key, **stamp}
+                    for key in chunk
+                    if key not in stamped
+                ]
             )
 
     def present(self, keys: Sequence[str], batch_size: int = 5000) -> set[str]:

@@ -139,3 +139,13 @@ def test_an_image_gone_since_it_was_cached_fails_alone(scene_dataset, run_dir):
     assert out["failed"][gone.id] == f"ImageError: Image file not found: {copy}"
     assert out["processed"] == len(scene_dataset.match_tags("reference", bool=False)) - 1
     assert out["models_loaded"] is False
+
+
+def test_stamps_are_updated_in_place_and_added_for_new_samples(scene_dataset):
+    cache = ProposalCache(scene_dataset, TINY)
+    first, second = {"epoch": "e1", "state": "s1"}, {"epoch": "e2", "state": "s2"}
+    cache.stamp(["a", "b"], "pred", first)
+    cache.stamp(["b", "c"], "pred", second, batch_size=1)
+    cache.stamp(["a"], "other", second)
+    assert cache.stamps(["a", "b", "c", "d"], "pred") == {"a": first, "b": second, "c": second}
+    assert cache.stamps(["a", "b"], "other") == {"a": second}
