@@ -13,7 +13,8 @@ On a throwaway FiftyOne database (never the user's), random-weight tiny models o
 3. The round, timed: tag one prediction ``negative`` -> ``update_memory_bank`` (DINOv2 encodes
    that one negative) -> ``segment(..., reuse_proposals=True, rescore=True)``, with the
    re-score's breakdown (read cache: the wait left, since the next batch is read while one is
-   scored; score, compare, write) and how many samples were written.
+   scored; screen: deciding which images the new negative cannot change; score, compare,
+   write) and how many samples were written.
 """
 
 from __future__ import annotations
