@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-import uuid
+from pathlib import Path
 
-_DB = tempfile.mkdtemp(prefix="ntt-bench-")
-os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(_DB, "db")
-os.environ["FIFTYONE_DATABASE_NAME"] = f"ntt-bench-{uuid.uuid4().hex[:8]}"
-os.environ.pop("FIFTYONE_DATABASE_URI", None)
-os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
+from ntt_operators import sandbox  # imports no fiftyone
+
+# A private mongod and folder, removed at exit: a 10,000-sample run writes gigabytes.
+_DB = sandbox.throwaway("ntt-bench-", Path(__file__).resolve().parents[1])
 
 import fiftyone as fo  # noqa: E402
 import numpy as np  # noqa: E402

