@@ -136,11 +136,8 @@ class NegativesScreen:
         )
         threshold = torch.maximum(positive, closest)[:, self.added_labels]  # (P, A)
         similarity = stacked @ self.added_negatives.T
-        moved = (similarity >= threshold - self.margin).any(dim=1).float()
-        sizes = torch.tensor([len(f) for f in features])
-        image = torch.repeat_interleave(torch.arange(len(features)), sizes)
-        moved_per_image = torch.zeros(len(features)).index_add_(0, image, moved)
-        return (moved_per_image == 0).tolist()
+        moved = (similarity >= threshold - self.margin).any(dim=1)
+        return [not bool(part.any()) for part in moved.split([len(f) for f in features])]
 
 
 def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

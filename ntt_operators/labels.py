@@ -186,10 +186,11 @@ def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
 
 @dataclass
 class ScoreEdit:
-    """A re-scored sample whose predictions keep their masks: new (label, confidence) of the
-    predictions that changed, keyed by label id, and the ids of those that are gone."""
+    """A re-scored sample whose predictions keep their masks: by label id, the labels and the
+    confidences that changed, and the ids of the predictions that are gone."""
 
-    changed: dict[str, tuple[str, float]]
+    labels: dict[str, str]
+    confidences: dict[str, float]
     removed: list[str]
 
 
@@ -233,14 +234,14 @@ class FieldWriter:
 
     def _apply_edits(self) -> None:
         path = f"{self.field}.detections"
-        for attribute, position in (("label", 0), ("confidence", 1)):
+        for attribute, label_attribute in (("labels", "label"), ("confidences", "confidence")):
             values = [
-                {"sample_id": sample_id, "label_id": label_id, "value": value[position]}
+                {"sample_id": sample_id, "label_id": label_id, "value": value}
                 for sample_id, edit in self._edits.items()
-                for label_id, value in edit.changed.items()
+                for label_id, value in getattr(edit, attribute).items()
             ]
             if values:
-                self.dataset.set_label_values(f"{path}.{attribute}", values)
+                self.dataset.set_label_values(f"{path}.{label_attribute}", values)
         removed = [label_id for edit in self._edits.values() for label_id in edit.removed]
         if removed:
             self.dataset.delete_labels(ids=removed, fields=self.field)

@@ -10,12 +10,14 @@ FIFTYONE_DATABASE_URI at it.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -57,9 +59,6 @@ def throwaway(prefix: str, plugin_root: Path) -> Path:
     """``isolate`` in a new temporary folder that is removed at exit, with its mongod: for
     scripts that make large throwaway datasets (benchmarks). Call it before importing fiftyone,
     so these exit handlers run after FiftyOne's (atexit runs the latest first)."""
-    import atexit
-    import tempfile
-
     work = Path(tempfile.mkdtemp(prefix=prefix))
     mongod = isolate(work, plugin_root, name=prefix.strip("-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)

@@ -536,7 +536,7 @@ def test_a_score_edit_changes_labels_and_confidences_only():
         sample["pred"].detections += [relabelled, dropped]
         dataset.add_sample(sample)
         writer = FieldWriter(dataset, "pred", batch_size=16)
-        edit = ScoreEdit({relabelled.id: ("b", 0.25)}, removed=[dropped.id])
+        edit = ScoreEdit({relabelled.id: "b"}, {relabelled.id: 0.25}, removed=[dropped.id])
         writer.add(sample.id, edit)
         writer.flush()
 

@@ -301,8 +301,11 @@ def _detections(
     if new == old:
         return None
     if new.keys() <= old.keys():
-        changed = {i: value for i, value in new.items() if old[i] != value}
-        return ScoreEdit(changed, removed=[i for i in old if i not in new])
+        return ScoreEdit(
+            labels={i: label for i, (label, _) in new.items() if label != old[i][0]},
+            confidences={i: score for i, (_, score) in new.items() if score != old[i][1]},
+            removed=[i for i in old if i not in new],
+        )
     detections = instances_to_detections(result, seed=seed)
     for detection in detections.detections:
         detection.tags = list(tags.get(detection.id, []))
