@@ -547,3 +547,60 @@ def test_a_score_edit_changes_labels_and_confidences_only():
         assert writer.written == writer.edited == 1
     finally:
         dataset.delete()
+
+
+def test_pending_changes_previews_an_update_per_field_and_class_without_encoding(banked):
+    dataset = banked
+    assert api.pending_changes(dataset, "bank")["nothing_changed"]
+    first_bank = api.load_memory_bank(dataset, "bank")
+    preds = dataset.values(f"{PREDICTIONS}.detections.id", unwind=True)
+    gt = dict(
+        zip(
+            *dataset.values(
+                ["ground_truth.detections.id", "ground_truth.detections.label"], unwind=True
+            )
+        )
+    )
+    old_ref = first_bank.ref_ids[0].split(":")[1]
+    new_ref = next(i for i in gt if not any(r.endswith(i) for r in first_bank.ref_ids))
+    _tag(dataset, preds[:2], "negative", PREDICTIONS)
+    _tag(dataset, [new_ref], "reference", "ground_truth")
+    _tag(dataset, preds[2:3], "reference", PREDICTIONS)  # a field the bank does not read
+    dataset.select_labels(ids=[old_ref]).untag_labels("reference")
+    negative_classes = {
+        dataset.select_labels(ids=[i]).values(f"{PREDICTIONS}.detections.label", unwind=True)[0]
+        for i in preds[:2]
+    }
+
+    with network_calls() as calls:
+        pending = api.pending_changes(dataset, "bank")
+    assert calls == []
+    assert api.load_memory_bank(dataset, "bank").ref_ids == first_bank.ref_ids
+    assert (pending["references_added"], pending["negatives_added"], pending["removed"]) == (
+        1,
+        2,
+        1,
+    )
+    assert not pending["nothing_changed"] and pending["fields_added"] == []
+    assert pending["ignored"] == {PREDICTIONS: 1}
+    rows = {(r["field"], r["class"], r["role"], r["change"]): r["count"] for r in pending["rows"]}
+    assert rows[("ground_truth", gt[new_ref], "reference", "added")] == 1
+    assert rows[("ground_truth", gt[old_ref], "reference", "removed")] == 1
+    assert {c for f, c, role, _ in rows if role == "negative"} == negative_classes
+    assert sum(n for (f, _, role, _), n in rows.items() if role == "negative") == 2
+
+    # The update does what the preview said; with the field added, the accepted prediction too.
+    with_field = api.pending_changes(dataset, "bank", add_fields=[PREDICTIONS])
+    assert with_field["fields_added"] == [PREDICTIONS] and with_field["references_added"] == 2
+    summary = api.update_memory_bank(dataset, "bank")
+    assert len(summary["added"]) == 3 and len(summary["removed"]) == 1
+
+
+def test_a_no_op_update_touches_nothing(banked):
+    dataset = banked
+    before = dataset.get_run_info("bank").timestamp
+    with network_calls() as calls:
+        summary = api.update_memory_bank(dataset, "bank")
+    assert calls == [] and summary["nothing_changed"] and summary["added"] == []
+    assert dataset.get_run_info("bank").timestamp == before
+    assert api.pending_changes(dataset, "bank")["nothing_changed"]

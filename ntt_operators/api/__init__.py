@@ -25,6 +25,7 @@ from .bank import (
     load_memory_bank,
     memory_bank_config,
     memory_bank_info,
+    pending_changes,
     update_memory_bank,
 )
 from .common import (
@@ -80,6 +81,7 @@ __all__ = [
     "load_memory_bank",
     "memory_bank_config",
     "memory_bank_info",
+    "pending_changes",
     "reference_view",
     "require_bank",
     "sample_references",
