@@ -604,3 +604,45 @@ def test_a_no_op_update_touches_nothing(banked):
     assert calls == [] and summary["nothing_changed"] and summary["added"] == []
     assert dataset.get_run_info("bank").timestamp == before
     assert api.pending_changes(dataset, "bank")["nothing_changed"]
+
+
+def _update_form(dataset: fo.Dataset, **params) -> dict:
+    ctx = ExecutionContext(
+        request_params={"dataset_name": dataset.name, "params": {"bank_name": "bank", **params}}
+    )
+    form = OperatorRegistry().get_operator(f"{PLUGIN}/update_memory_bank").resolve_input(ctx)
+    return form.to_json()["type"]["properties"]
+
+
+def _preview_text(fields: dict) -> str:
+    (text,) = [p["default"] for name, p in fields.items() if name.startswith("preview_")]
+    return text
+
+
+def test_the_update_form_adds_no_field_by_default_and_previews_each_change(banked):
+    dataset = banked
+    (negative, accepted, *_), labels = dataset.values(
+        [f"{PREDICTIONS}.detections.id", f"{PREDICTIONS}.detections.label"], unwind=True
+    )
+    assert "Nothing changed" in _preview_text(_update_form(dataset))
+    _tag(dataset, [negative], "negative", PREDICTIONS)
+    _tag(dataset, [accepted], "reference", PREDICTIONS)  # e.g. the modal tagged every field
+
+    fields = _update_form(dataset)
+    assert fields["accepted_fields"]["default"] == []  # never pre-filled with predictions
+    text = _preview_text(fields)
+    assert f"| {PREDICTIONS} | {labels[0]} | negative | +1 |" in text
+    assert f"1 in '{PREDICTIONS}'" in text  # the accepted prediction is shown, not taken
+    picked = _preview_text(_update_form(dataset, accepted_fields=[PREDICTIONS]))
+    assert f"| {PREDICTIONS} | {labels[1]} | reference | +1 |" in picked
+
+    run("update_memory_bank", dataset, bank_name="bank")
+    info = api.memory_bank_info(dataset, "bank")
+    assert info["ref_fields"] == ["ground_truth"] and info["num_negatives"] == 1
+
+
+def test_a_rescore_that_writes_no_sample_keeps_the_evaluations(banked):
+    api.evaluate(banked, PREDICTIONS, "ground_truth", "ev")
+    out = api.segment(banked, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
+    assert out["written"] == 0 and out["deleted_evaluations"] == []
+    assert banked.list_evaluations() == ["ev"]

@@ -45,14 +45,16 @@ from .evaluate import (
     left_out_tag,
     segmented_samples,
 )
-from .references import reference_view, sample_references
+from .references import check_sampling, reference_view, sample_references
 from .segment import (
+    check_backend,
     check_output_field,
     evaluations_on,
     iter_segment,
     segment,
     segment_run_key,
     segment_status,
+    segment_targets,
     segmented_fields,
 )
 
@@ -66,6 +68,7 @@ __all__ = [
     "check_new_bank_name",
     "check_output_field",
     "check_references",
+    "check_sampling",
     "class_report",
     "delete_memory_bank",
     "detection_fields",
@@ -85,9 +88,11 @@ __all__ = [
     "reference_view",
     "require_bank",
     "sample_references",
+    "check_backend",
     "segment",
     "segment_run_key",
     "segment_status",
+    "segment_targets",
     "segmented_samples",
     "segmented_fields",
     "update_memory_bank",

@@ -104,7 +104,9 @@ def iter_build_memory_bank(
     )
     sources.check(dataset_or_view)
     check_new_bank_name(dataset, bank_name, overwrite)
-    check_references(dataset_or_view, sources.ref_fields, ref_tag, tag_type, classes)
+    check_references(
+        dataset_or_view, sources.ref_fields, ref_tag, tag_type, classes, sources.negative_tag
+    )
     config = config or NTTConfig()
     wanted = collect_entries(dataset_or_view, sources)
     bank, encoded, box_only = yield from _assemble(
@@ -565,10 +567,16 @@ def check_references(
     ref_tag: str,
     tag_type: str,
     classes: list[str] | None = None,
+    negative_tag: str | None = None,
 ) -> list[str]:
-    """Refuses a build with no reference tagged, or a requested class without one; returns the
+    """Refuses a build with no reference tagged, a reference without a class, a label tagged
+    both ``ref_tag`` and ``negative_tag``, or a requested class without a reference; returns the
     classes the bank will hold (all tagged ones when ``classes`` is empty)."""
     fields = _field_list(gt_field)
+    for name in fields:
+        _refuse_classless_references(reference_view(dataset_or_view, name, ref_tag, tag_type), name)
+    if negative_tag:
+        _refuse_double_tags(dataset_or_view, ref_tag, negative_tag)
     present = sorted(
         {
             label
@@ -594,6 +602,36 @@ def check_references(
     return list(classes) if classes else present
 
 
+def _refuse_classless_references(references: Collection, field_name: str) -> None:
+    ids, labels = references.values(
+        [f"{field_name}.detections.id", f"{field_name}.detections.label"], unwind=True
+    )
+    blank = [i for i, label in zip(ids, labels) if not label or not str(label).strip()]
+    if blank:
+        raise ReferenceInputError(
+            f"The reference label {blank[0]} of {field_name!r} has no class (its label is "
+            f"empty){f' nor do {len(blank) - 1} other(s)' if len(blank) > 1 else ''}: give it "
+            "a class or untag it"
+        )
+
+
+def _refuse_double_tags(collection: Collection, ref_tag: str, negative_tag: str) -> None:
+    if negative_tag == ref_tag:
+        raise PluginInputError(
+            f"The negative tag and the reference tag are both {ref_tag!r}; use two different tags"
+        )
+    for field_name in detection_fields(collection):
+        both = collection.select_labels(tags=ref_tag, fields=field_name).select_labels(
+            tags=negative_tag, fields=field_name
+        )
+        ids = both.values(f"{field_name}.detections.id", unwind=True)
+        if ids:
+            raise PluginInputError(
+                f"Label {ids[0]} of {field_name!r} is tagged both {ref_tag!r} and "
+                f"{negative_tag!r}; remove one of the tags"
+            )
+
+
 def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.ndarray]:
     """SAM2 masks of the box-only instances, by position; each image is embedded once."""
     by_image: dict[str, list[int]] = {}
@@ -607,27 +645,30 @@ def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.
     return masks
 
 
+REBUILD = "rebuild it: build a bank of that name again, replacing it"
+"""Said by every refusal of a damaged bank; in any form's words (no option named, since the
+Segment form's 'overwrite' is another option than the Build form's)."""
+
+
 def load_memory_bank(dataset: fo.Dataset, bank_name: str) -> MemoryBank:
     require_bank(dataset, bank_name)
     results = dataset.load_run_results(bank_name, cache=False, load_view=False)
     blob = getattr(results, "bank", None)
     if not isinstance(blob, bytes):
         raise BankError(
-            f"Memory bank {bank_name!r} has no stored data (its build was interrupted?); "
-            "rebuild it with overwrite=True"
+            f"Memory bank {bank_name!r} has no stored data (its build was interrupted?); {REBUILD}"
         )
     try:
         bank = MemoryBank.from_bytes(blob)
     except BankError as error:
-        message = f"Memory bank {bank_name!r}: {error}; rebuild it with overwrite=True"
+        message = f"Memory bank {bank_name!r}: {error}; {REBUILD}"
         raise BankError(message) from error
     recorded = dataset.get_run_info(bank_name).config
     if (bank.classes, bank.encoder) != (list(recorded.classes), recorded.encoder):
         # The stored bytes were swapped or edited after the build: refuse rather than guess.
         raise BankMismatchError(
             f"Memory bank {bank_name!r} holds classes {bank.classes} from {bank.encoder!r}, but "
-            f"its record says {list(recorded.classes)} from {recorded.encoder!r}; rebuild it "
-            "with overwrite=True"
+            f"its record says {list(recorded.classes)} from {recorded.encoder!r}; {REBUILD}"
         )
     return bank
 

@@ -134,22 +134,13 @@ def iter_segment(
     exists = check_output_field(dataset, bank_name, label_field, overwrite, skip_done, rescore)
     if batch_size < 1:
         raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
-    _check_backend(backend, num_actors, reuse_proposals)
+    check_backend(backend, num_actors, reuse_proposals)
     config = config or NTTConfig.from_dict(recorded["ntt_config"])
-    targets = dataset_or_view
-    if exclude_tag:
-        targets = targets.match_tags(exclude_tag, bool=False).match_labels(
-            tags=exclude_tag, bool=False
-        )
+    targets = segment_targets(dataset_or_view, exclude_tag)
     todo = targets.exists(label_field, False) if (skip_done and exists) else targets
     previous = _previous_predictions(todo, label_field) if (rescore and exists) else None
     sample_ids, filepaths = todo.values(["id", "filepath"])
     skipped = len(targets) - len(sample_ids)
-    if not len(targets):
-        left_out = f" once samples tagged {exclude_tag!r} are left out" if exclude_tag else ""
-        raise PluginInputError(
-            f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
-        )
 
     # Refuse a bank from another encoder now, on either backend, not once per sample.
     bank.check_compatible(encoder_identity(config), config.encoder_image_size)
@@ -206,7 +197,9 @@ def iter_segment(
         instances = unchanged = 0
         ended = None  # how the run ended, when it did not complete
         try:
-            deleted_evaluations = _delete_evaluations(dataset, label_field) if exists else []
+            # A re-score changes the field only where it writes: its evaluations go only then.
+            stale_now = exists and not rescore
+            deleted_evaluations = _delete_evaluations(dataset, label_field) if stale_now else []
             if exists and not (skip_done or rescore):
                 dataset.delete_sample_field(label_field)
             if not dataset.has_sample_field(label_field):
@@ -239,6 +232,8 @@ def iter_segment(
             # Whatever happens, finished samples are kept so skip_done can continue from them.
             with _timed(timings, "write"):
                 writer.flush()
+            if rescore and exists and writer.written:
+                deleted_evaluations = _delete_evaluations(dataset, label_field)
             if ended is not None:
                 # Only a killed process leaves "running" behind; skip_done continues any of them.
                 counts = dict(processed=writer.written + unchanged, skipped=skipped, failed=failed)
@@ -268,6 +263,22 @@ def iter_segment(
         locks.release(dataset, label_field, owner)
     yield 1.0, f"Segmented {summary['processed']} samples into {label_field!r}"
     return summary
+
+
+def segment_targets(dataset_or_view: Collection, exclude_tag: str | None) -> Collection:
+    """The samples a run segments: those without ``exclude_tag`` (as a sample or label tag);
+    refuses an empty target."""
+    targets = dataset_or_view
+    if exclude_tag:
+        targets = targets.match_tags(exclude_tag, bool=False).match_labels(
+            tags=exclude_tag, bool=False
+        )
+    if not len(targets):
+        left_out = f" once samples tagged {exclude_tag!r} are left out" if exclude_tag else ""
+        raise PluginInputError(
+            f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
+        )
+    return targets
 
 
 @contextlib.contextmanager
@@ -432,7 +443,8 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
+def check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
+    """Refuses a backend that cannot run here, or settings it cannot use."""
     if backend not in ("local", "ray"):
         raise PluginInputError(f"backend must be 'local' or 'ray', got {backend!r}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
