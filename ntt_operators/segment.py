@@ -283,3 +283,12 @@ class ClearProposalCache(foo.Operator):
         return forms.reporting_failures(
             ctx, "Clear cached proposals", lambda: {"removed": clear_proposal_cache(ctx.dataset)}
         )
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        return forms.outputs_or_failure(ctx, "Clear cached proposals", _cleared_outputs)
+
+
+def _cleared_outputs() -> types.Property:
+    outputs = forms.titled_outputs("Cached proposals cleared")
+    outputs.int("removed", label="Cached images removed")
+    return types.Property(outputs, view=types.View(label="Cached proposals cleared"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionError
+from fiftyone.operators.registry import OperatorRegistry
 
 from ntt_core import NTTConfig, NTTError
 from ntt_core.errors import BankError
@@ -254,3 +255,25 @@ def test_sample_references_form_refuses_a_class_absent_and_no_tagging(banked):
     assert "samples, their labels, or both" in refused_in_form(
         "sample_references", banked, tag_samples=False, tag_labels=False, **params
     )
+
+
+REPORTING_OPERATORS = (
+    "sample_references",
+    "get_memory_bank_info",
+    "delete_memory_bank",
+    "clear_proposal_cache",
+    "evaluate_segmentations",
+    "load_evaluation_patches",
+)
+"""The operators that are not generators: their result or failure is shown by resolve_output."""
+
+
+def test_every_operator_with_a_result_shows_it_or_its_failure_in_a_dialog():
+    registry = OperatorRegistry()
+    for name in REPORTING_OPERATORS:
+        operator = registry.get_operator(f"{PLUGIN}/{name}")
+        failed = operator.resolve_output(SimpleNamespace(results={"error": "Why and what to do"}))
+        assert "Why and what to do" in json.dumps(failed.to_json()), name
+    cleared = registry.get_operator(f"{PLUGIN}/clear_proposal_cache")
+    shown = cleared.resolve_output(SimpleNamespace(results={"removed": 3})).to_json()
+    assert "Cached images removed" in json.dumps(shown)
