@@ -158,18 +158,20 @@ class NegativesScreen:
 
     def _near_added(self, features: torch.Tensor, margin: float) -> torch.Tensor:
         """(P,) whether a new negative comes within ``margin`` of ``max(pos_k, neg_k)`` of its
-        class k, computed for the new negatives' classes only."""
+        class k while ``pos_k`` is not 0 (a score ``0 * decay`` stays 0), computed for the new
+        negatives' classes only."""
         classes, added_index = torch.unique(self.added_labels, return_inverse=True)
         older = torch.isin(self.old_labels, classes)
-        positive = semantic_scores(features, self.prototypes[classes])
+        similarity = features @ self.prototypes[classes].T
         closest = closest_negatives(
             features,
             self.old_negatives[older],
             torch.searchsorted(classes, self.old_labels[older]),
             len(classes),
         )
-        threshold = torch.maximum(positive, closest)[:, added_index]  # (P, A)
-        return (features @ self.added_negatives.T >= threshold - margin).any(dim=1)
+        threshold = torch.maximum(similarity.clamp(min=0), closest)[:, added_index]  # (P, A)
+        near = features @ self.added_negatives.T >= threshold - margin
+        return (near & (similarity[:, added_index] > -margin)).any(dim=1)
 
     def _keep_best(self, features: torch.Tensor, margin: float) -> torch.Tensor:
         """(P,) whether every new negative's class scored at least ``margin`` below another

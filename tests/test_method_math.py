@@ -263,3 +263,15 @@ def test_a_new_negative_of_a_class_below_a_proposals_best_changes_nothing():
     # Class 1 within the margin of the best: counted as changed.
     tie = F.normalize(torch.tensor([[1.0, 1.0 - 1e-5]]), dim=1)
     assert screen.unchanged([tie]) == [False]
+
+
+def test_a_new_negative_cannot_lower_a_class_score_of_zero():
+    """f·p < 0: the class scores 0 * decay = 0 whatever the negative (similarity 0.74)."""
+    prototypes = torch.tensor([[1.0, 0.0]])
+    f = F.normalize(torch.tensor([[-0.1, 1.0]]), dim=1)
+    negatives, labels = torch.tensor([[0.6, 0.8]]), torch.tensor([0])
+    screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]), 0.8)
+    before = scores_with_negatives(f, prototypes, negatives[:0], labels[:0], 0.8)
+    assert torch.equal(before, scores_with_negatives(f, prototypes, negatives, labels, 0.8))
+    assert screen.unchanged([f]) == [True]
+    assert screen.unchanged([F.normalize(torch.tensor([[1e-3, 1.0]]), dim=1)]) == [False]
