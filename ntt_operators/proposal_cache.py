@@ -78,6 +78,8 @@ class ProposalCache:
     def index_features(self, blobs: dict[str, bytes]) -> None:
         """Adds the float16 rows of the entries ``blobs`` that have none (entries cached before
         the rows existed)."""
+        if not blobs:
+            return
         indexed = self._feature_rows(list(blobs))
         for key, blob in blobs.items():
             if key not in indexed:

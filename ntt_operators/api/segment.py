@@ -377,12 +377,11 @@ def _read_ahead(
     batch: int = 128,
 ) -> Iterator[tuple[list[str], list[str], Prefetched, set[str]]]:
     """The samples in batches, each with the cache in front of it and the samples ``screen``
-    leaves unchanged: stamps (for ``stamped_field``), image checksums, the screen's verdicts
-    (from the stamps) and then the entries of
-    the other samples are worked out ``batch`` at a time, the next batch in a thread while this
-    one is scored (``timings["read_cache"]`` is the wait left, ``timings["screen"]`` the
-    thread's screening). Hashing, reading and matrix products release the GIL, so the thread
-    works beside the scoring."""
+    leaves unchanged. Per batch of ``batch`` samples: stamps (for ``stamped_field``), image
+    checksums, the screen's verdicts, then the entries of the samples it did not clear; the
+    next batch is worked out in a thread while this one is scored (``timings["read_cache"]``
+    is the wait left, ``timings["screen"]`` the thread's screening). Hashing, reading and
+    matrix products release the GIL, so the thread works beside the scoring."""
     starts = range(0, len(sample_ids), batch)
     batches = [(sample_ids[i : i + batch], filepaths[i : i + batch]) for i in starts]
 
