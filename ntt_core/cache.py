@@ -8,9 +8,11 @@ image file's checksum and the identity of everything that shaped the proposals.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Protocol
@@ -127,6 +129,60 @@ def cached_features(blob: bytes, checksum: str, identity: str) -> torch.Tensor |
         return torch.from_numpy(values.reshape(features["shape"]).copy())
     except Exception:
         return None
+
+
+def entry_checksum(blob: bytes) -> str | None:
+    """The image checksum an entry was made for (None: unreadable or foreign)."""
+    try:
+        (length,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(json.loads(blob[8 : 8 + length])["__metadata__"]["ntt_proposals"])
+    except Exception:
+        return None
+    return header.get("checksum") if header.get("format") == CACHE_FORMAT else None
+
+
+class FeatureFile:
+    """Many images' proposal features as float16 rows of one append-only file, read through a
+    memory map: what the negatives screen reads (``NegativesScreen`` widens its margin for the
+    rounding), without the masks and at half the size of the entries' float32 features.
+
+    Rows are only appended: an image proposed again gets new rows, and the old ones stay
+    unused until the file is deleted (``clear_proposal_cache``).
+    """
+
+    def __init__(self, path: str | Path, channels: int) -> None:
+        self.path, self.channels = Path(path), channels
+        self._row_bytes = 2 * channels
+        self._map: np.ndarray | None = None
+
+    def append(self, features: torch.Tensor) -> int:
+        """Appends (P, C) L2-normalised features; returns the index of their first row."""
+        rows = features.detach().to(torch.float16).contiguous().numpy().tobytes()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # another process may append to the same file
+            try:
+                size = handle.seek(0, os.SEEK_END)
+                start = -(-size // self._row_bytes)  # after a torn write, the next whole row
+                handle.write(bytes(start * self._row_bytes - size) + rows)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return start
+
+    def read(self, start: int, count: int) -> torch.Tensor | None:
+        """(count, C) float16 rows from ``start`` (None: the file does not hold them)."""
+        end = start + count
+        if self._map is None or end > len(self._map):
+            self._map = self._mapped()
+        if end > len(self._map):
+            return None
+        return torch.from_numpy(np.array(self._map[start:end]))
+
+    def _mapped(self) -> np.ndarray:
+        rows = self.path.stat().st_size // self._row_bytes if self.path.exists() else 0
+        if rows == 0:
+            return np.zeros((0, self.channels), dtype="<f2")
+        return np.memmap(self.path, dtype="<f2", mode="r", shape=(rows, self.channels))
 
 
 def _valid_layout(blob: bytes, checksum: str, identity: str) -> tuple[dict | None, dict]:

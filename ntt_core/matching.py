@@ -88,15 +88,25 @@ def closest_negatives(
     return closest.scatter_reduce(1, index, similarity, reduce="amax", include_self=True)
 
 
+FLOAT16_ROUNDING = 2.0**-11 + 1e-6
+"""Bound on ``|f16(f)·v - f·v|`` for unit vectors f and v: float16 keeps each element within
+2^-11 of itself relatively (within 2^-25 below its normal range: under 1e-6 over 1024 elements),
+so by Cauchy-Schwarz the product moves by at most that times ``|f||v| = 1``."""
+
+
 @dataclass(frozen=True)
 class NegativesScreen:
-    """Tells whether adding some negatives to a bank leaves a proposal set's class scores as
-    they were (so its image's result cannot change).
+    """Tells whether adding some negatives to a bank leaves a proposal set's results as they
+    were (so its image's result cannot change).
 
     A new negative n of class k raises ``neg_k`` to ``max(neg_k, f·n)``, and the score's decay
-    ``exp(-max(0, neg_k - pos_k) / sigma)`` moves only if ``f·n > max(neg_k, pos_k)``. ``margin``
-    absorbs rounding between this computation and the scoring's: a proposal that comes within
-    it counts as changed.
+    ``exp(-max(0, neg_k - pos_k) / sigma)`` moves only if ``f·n > max(neg_k, pos_k)``. Even then
+    only the proposal's best class and score reach the result (``NTTPredictor.score`` keeps
+    nothing else), and a negative only lowers class k's score: if k's score was already below
+    another class's, the best stays. ``margin`` absorbs rounding between this computation and
+    the scoring's; features given in float16 widen it by their rounding (``FLOAT16_ROUNDING``
+    per product, scaled by how fast each test's quantity moves with a product). A proposal that
+    comes within it counts as changed.
     """
 
     prototypes: torch.Tensor
@@ -104,6 +114,8 @@ class NegativesScreen:
     old_labels: torch.Tensor
     added_negatives: torch.Tensor
     added_labels: torch.Tensor
+    sigma: float
+    """The scoring's ``negative_sigma``."""
     margin: float = 1e-4
 
     @classmethod
@@ -113,6 +125,7 @@ class NegativesScreen:
         negatives: torch.Tensor,
         negative_labels: torch.Tensor,
         added: torch.Tensor,
+        sigma: float,
     ) -> NegativesScreen:
         """For a bank's prototypes and negatives, ``added`` (M,) bool marking the new ones."""
         old = ~added
@@ -122,22 +135,54 @@ class NegativesScreen:
             negative_labels[old],
             negatives[added],
             negative_labels[added],
+            sigma,
         )
 
     def unchanged(self, features: Sequence[torch.Tensor]) -> list[bool]:
-        """For each image's (P, C) proposal features, whether all its class scores stay as they
-        were. One pass over all the images' proposals: per image, the work is a few dozen rows."""
+        """For each image's (P, C) proposal features (float32, or float16 with a wider margin),
+        whether its proposals all keep their best class and score. One pass over all the
+        images' proposals, on the new negatives' classes only; the few proposals it cannot
+        clear get all their class scores."""
         if self.added_negatives.shape[0] == 0 or not features:
             return [True] * len(features)
         stacked = torch.cat(list(features))
-        positive = semantic_scores(stacked, self.prototypes)
-        closest = closest_negatives(
-            stacked, self.old_negatives, self.old_labels, self.prototypes.shape[0]
-        )
-        threshold = torch.maximum(positive, closest)[:, self.added_labels]  # (P, A)
-        similarity = stacked @ self.added_negatives.T
-        moved = (similarity >= threshold - self.margin).any(dim=1)
+        rounding = FLOAT16_ROUNDING if stacked.dtype == torch.float16 else 0.0
+        stacked = stacked.float()
+        # Each test compares two quantities that each move by at most ``rounding`` per product
+        # (the second one's scores by (1 + 2 / sigma) products, their largest slope).
+        moved = self._near_added(stacked, self.margin + 2 * rounding)
+        rows = torch.nonzero(moved).flatten()
+        slope = 1 + 2 / self.sigma
+        moved[rows[self._keep_best(stacked[rows], self.margin + 2 * rounding * slope)]] = False
         return [not bool(part.any()) for part in moved.split([len(f) for f in features])]
+
+    def _near_added(self, features: torch.Tensor, margin: float) -> torch.Tensor:
+        """(P,) whether a new negative comes within ``margin`` of ``max(pos_k, neg_k)`` of its
+        class k while ``pos_k`` is not 0 (a score ``0 * decay`` stays 0), computed for the new
+        negatives' classes only."""
+        classes, added_index = torch.unique(self.added_labels, return_inverse=True)
+        older = torch.isin(self.old_labels, classes)
+        similarity = features @ self.prototypes[classes].T
+        closest = closest_negatives(
+            features,
+            self.old_negatives[older],
+            torch.searchsorted(classes, self.old_labels[older]),
+            len(classes),
+        )
+        threshold = torch.maximum(similarity.clamp(min=0), closest)[:, added_index]  # (P, A)
+        near = features @ self.added_negatives.T >= threshold - margin
+        return (near & (similarity[:, added_index] > -margin)).any(dim=1)
+
+    def _keep_best(self, features: torch.Tensor, margin: float) -> torch.Tensor:
+        """(P,) whether every new negative's class scored at least ``margin`` below another
+        class before (so also after: negatives only lower a score)."""
+        scores = scores_with_negatives(
+            features, self.prototypes, self.old_negatives, self.old_labels, self.sigma
+        )
+        touched = torch.zeros(scores.shape[1], dtype=torch.bool)
+        touched[self.added_labels] = True
+        others = scores.masked_fill(touched, float("-inf")).max(dim=1).values
+        return scores[:, touched].max(dim=1).values <= others - margin
 
 
 def assign_classes(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

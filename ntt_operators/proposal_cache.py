@@ -10,23 +10,40 @@ the App as JSON, and it cannot encode bytes, so each poll failed and started ove
 tracebacks, and the whole cache re-read every second). Here FiftyOne does not delete a dataset's
 entries with the dataset, so entries of deleted datasets are removed whenever a cache is opened;
 ``clear_proposal_cache`` removes a dataset's entries on demand.
+
+Each entry's features are also kept as float16 rows in a file per dataset and configuration
+(``ntt_core.cache.FeatureFile``, under the NTT cache directory), indexed by small documents of
+their own: the re-score's screen reads only those rows, never the entries with their masks.
+An index document records the image checksum of its entry, so rows of a changed image are
+never used; its entry, read to be scored again, replaces them.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import fiftyone as fo
 import fiftyone.core.odm as foo_odm
+import torch
 from bson import ObjectId
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 
 from ntt_core import NTTConfig
-from ntt_core.cache import proposal_identity
+from ntt_core.cache import (
+    CACHE_VERSION,
+    FeatureFile,
+    cached_features,
+    entry_checksum,
+    proposal_identity,
+)
+from ntt_core.registry import cache_dir
 
 COLLECTION = "ntt_proposal_cache"
 STAMPS = "ntt_proposal_stamps"
+FEATURE_ROWS = "ntt_proposal_feature_rows"
 
 
 class ProposalCache:
@@ -34,9 +51,12 @@ class ProposalCache:
     the stamps that say what each sample was last scored from (``api.rescore``)."""
 
     def __init__(self, dataset: fo.Dataset, config: NTTConfig) -> None:
-        self._entries, self._stamps = _entries(), _stamps()
-        _remove_entries_of_deleted_datasets(self._entries, self._stamps)
-        self._query = {"dataset_id": dataset._doc.id, "identity": proposal_identity(config)}
+        self._entries, self._stamps, self._rows = _entries(), _stamps(), _feature_rows()
+        _remove_entries_of_deleted_datasets(self._entries, self._stamps, self._rows)
+        identity = proposal_identity(config)
+        self._query = {"dataset_id": dataset._doc.id, "identity": identity}
+        self._files: dict[int, FeatureFile] = {}
+        self._folder = _feature_folder(dataset._doc.id) / identity
 
     def get(self, key: str) -> bytes | None:
         doc = self._entries.find_one({**self._query, "sample_id": key}, {"value": 1})
@@ -46,6 +66,7 @@ class ProposalCache:
         entry = {**self._query, "sample_id": key}
         self._stamps.delete_many(entry)  # they describe the proposals being replaced
         self._entries.replace_one(entry, {**entry, "value": value}, upsert=True)
+        self._index_features(key, value)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """The entries of ``keys`` that exist, in one query."""
@@ -53,6 +74,55 @@ class ProposalCache:
             {**self._query, "sample_id": {"$in": list(keys)}}, {"sample_id": 1, "value": 1}
         )
         return {doc["sample_id"]: bytes(doc["value"]) for doc in cursor}
+
+    def index_features(self, blobs: dict[str, bytes]) -> None:
+        """Adds the float16 rows of the entries ``blobs`` that have none (entries cached before
+        the rows existed)."""
+        if not blobs:
+            return
+        indexed = self._feature_rows(list(blobs))
+        for key, blob in blobs.items():
+            if key not in indexed:
+                self._index_features(key, blob)
+
+    def screening_features(
+        self, keys: Sequence[str], checksums: dict[str, str | None]
+    ) -> dict[str, torch.Tensor]:
+        """The (P, C) float16 features of the entries of ``keys`` made for the image whose
+        checksum ``checksums`` gives, read from their rows only."""
+        features = {}
+        for key, row in self._feature_rows(keys).items():
+            if row["checksum"] != checksums.get(key):
+                continue  # the image changed since: its entry will be recomputed
+            found = self._file(row["channels"]).read(row["start"], row["count"])
+            if found is not None:
+                features[key] = found
+        return features
+
+    def _feature_rows(self, keys: Sequence[str]) -> dict[str, dict]:
+        cursor = self._rows.find(
+            {**self._query, "version": CACHE_VERSION, "sample_id": {"$in": list(keys)}},
+            {"_id": 0, "sample_id": 1, "checksum": 1, "channels": 1, "start": 1, "count": 1},
+        )
+        return {doc.pop("sample_id"): doc for doc in cursor}
+
+    def _index_features(self, key: str, blob: bytes) -> None:
+        checksum = entry_checksum(blob)
+        features = cached_features(blob, checksum, self._query["identity"]) if checksum else None
+        if features is None:
+            return  # an entry this version cannot read is recomputed, never screened
+        channels = int(features.shape[1])
+        start = self._file(channels).append(features)
+        entry = {**self._query, "sample_id": key}
+        row = {"version": CACHE_VERSION, "checksum": checksum, "channels": channels}
+        self._rows.replace_one(
+            entry, {**entry, **row, "start": start, "count": len(features)}, upsert=True
+        )
+
+    def _file(self, channels: int) -> FeatureFile:
+        if channels not in self._files:
+            self._files[channels] = FeatureFile(self._folder / f"features-{channels}.f16", channels)
+        return self._files[channels]
 
     def stamps(self, keys: Sequence[str], field: str) -> dict[str, dict]:
         """The stamps of ``keys`` for ``field``: {sample id: {"epoch", "state"}}."""
@@ -120,7 +190,14 @@ def cached_proposal_count(dataset: fo.Dataset) -> int:
 def clear_proposal_cache(dataset: fo.Dataset) -> int:
     """Deletes every cached proposal of the dataset; returns how many entries went."""
     _stamps().delete_many({"dataset_id": dataset._doc.id})
+    _feature_rows().delete_many({"dataset_id": dataset._doc.id})
+    shutil.rmtree(_feature_folder(dataset._doc.id), ignore_errors=True)
     return _entries().delete_many({"dataset_id": dataset._doc.id}).deleted_count
+
+
+def _feature_folder(dataset_id: ObjectId) -> Path:
+    """Where the dataset's float16 feature rows live, one file per configuration."""
+    return cache_dir() / "proposal-features" / str(dataset_id)
 
 
 def _entries() -> Collection:
@@ -141,10 +218,23 @@ def _stamps() -> Collection:
     return stamps
 
 
-def _remove_entries_of_deleted_datasets(entries: Collection, stamps: Collection) -> None:
+def _feature_rows() -> Collection:
+    rows = foo_odm.get_db_conn()[FEATURE_ROWS]
+    rows.create_index(
+        [(key, ASCENDING) for key in ("dataset_id", "identity", "sample_id")], unique=True
+    )
+    return rows
+
+
+def _remove_entries_of_deleted_datasets(
+    entries: Collection, stamps: Collection, rows: Collection
+) -> None:
     cached: list[ObjectId] = entries.distinct("dataset_id")
     existing = set(foo_odm.get_db_conn().datasets.distinct("_id", {"_id": {"$in": cached}}))
     deleted = [dataset_id for dataset_id in cached if dataset_id not in existing]
     if deleted:
         entries.delete_many({"dataset_id": {"$in": deleted}})
         stamps.delete_many({"dataset_id": {"$in": deleted}})
+        rows.delete_many({"dataset_id": {"$in": deleted}})
+        for dataset_id in deleted:
+            shutil.rmtree(_feature_folder(dataset_id), ignore_errors=True)

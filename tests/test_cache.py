@@ -6,18 +6,22 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from safetensors.torch import load, save
 
 from ntt_core import NTTConfig, NTTPredictor, Reference
 from ntt_core.cache import (
+    FeatureFile,
     cached_features,
+    entry_checksum,
     predict_cached,
     proposal_identity,
     proposals_from_bytes,
     proposals_to_bytes,
 )
+from ntt_core.matching import NegativesScreen, assign_classes, scores_with_negatives
 from ntt_core.proposals import Proposals
 from ntt_core.synthetic import make_scene
 
@@ -141,3 +145,66 @@ def test_features_read_straight_from_an_entry_equal_the_full_read():
     assert torch.equal(cached_features(blob, "sum", "id"), proposals.features)
     assert cached_features(blob, "sum", "other id") is None
     assert cached_features(blob[:50], "sum", "id") is None
+
+
+def test_feature_rows_read_back_in_float16_and_a_torn_write_is_stepped_over(tmp_path):
+    rows = FeatureFile(tmp_path / "features.f16", channels=4)
+    first, second = torch.randn(3, 4), torch.randn(2, 4)
+    assert rows.append(first) == 0 and rows.append(second) == 3
+    assert torch.equal(rows.read(0, 3), first.half()) and torch.equal(
+        rows.read(3, 2), second.half()
+    )
+    with open(rows.path, "ab") as handle:
+        handle.write(b"torn")  # half a row from a write that stopped
+    third = torch.randn(1, 4)
+    assert rows.append(third) == 6
+    assert torch.equal(FeatureFile(rows.path, 4).read(6, 1), third.half())
+    assert rows.read(6, 2) is None  # rows the file does not hold
+
+
+def test_an_entrys_checksum_is_read_from_its_header():
+    proposals = Proposals((4, 4), torch.rand(1), torch.rand(1, 4), torch.randn(1, 3), rles=[])
+    proposals.rles = [mask_utils.encode(np.asfortranarray(np.eye(4, dtype=np.uint8)))]
+    assert entry_checksum(proposals_to_bytes(proposals, "sum", "id")) == "sum"
+    assert entry_checksum(b"not an entry") is None
+
+
+def test_the_negatives_screen_on_float16_features_decides_as_full_precision_would():
+    """Features stored in float16 move each product with a unit vector by at most
+    ``FLOAT16_ROUNDING`` (about 5e-4), so the screen widens its margin by that bound, scaled by
+    each test's slope. Over proposals crowding the screen's thresholds, in the large-score
+    regime (similarities 0.3-0.9): whatever the float16 screen clears keeps its best class
+    exactly and its best score within 1e-6 under a full-precision scoring with the new
+    negatives, and it clears nothing the float32 screen does not."""
+    generator = torch.Generator().manual_seed(0)
+    channels, sigma = 1024, 0.8
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+    prototypes = unit(4, channels)
+    negatives = F.normalize(prototypes[[1, 1, 2]] + 0.8 * unit(3, channels), dim=1)
+    labels = torch.tensor([1, 1, 2])
+    added = torch.tensor([False, True, False])
+    # Each proposal mixes two prototypes and the new negative with random weights, plus noise.
+    anchors = torch.cat([prototypes, negatives[added]])
+    weights = torch.rand(20000, len(anchors), generator=generator) ** 3
+    features = F.normalize(weights @ anchors + 0.05 * unit(20000, channels), dim=1)
+
+    screen = NegativesScreen.of(prototypes, negatives, labels, added, sigma)
+    as_images = list(features.split(1))
+    full = screen.unchanged(as_images)
+    half = screen.unchanged([f.half() for f in as_images])
+    before = assign_classes(
+        scores_with_negatives(features, prototypes, negatives[~added], labels[~added], sigma)
+    )
+    after = assign_classes(scores_with_negatives(features, prototypes, negatives, labels, sigma))
+    kept_class = before[1] == after[1]
+    kept_score = (before[0] - after[0]).abs() <= 1e-6
+    cleared = torch.tensor(half)
+    assert (kept_class & kept_score)[cleared].all()
+    assert not (cleared & ~torch.tensor(full)).any()
+    # The test exercises the thresholds: many proposals change, many are cleared, and the wider
+    # margin costs only the proposals within it.
+    assert 1000 < int(cleared.sum()) < 19000 and int((~(kept_class & kept_score)).sum()) > 1000
+    assert sum(full) - sum(half) < 200

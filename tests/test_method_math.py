@@ -217,7 +217,8 @@ def test_a_new_negative_changes_scores_only_above_the_prototype_and_older_negati
         new = torch.tensor([[new_similarity, (1 - new_similarity**2) ** 0.5]])
         negatives, labels = torch.cat([old, new]), torch.tensor([0, 0])
         added = torch.tensor([False, True])
-        (unchanged,) = NegativesScreen.of(prototypes, negatives, labels, added).unchanged([f])
+        screen = NegativesScreen.of(prototypes, negatives, labels, added, 0.8)
+        (unchanged,) = screen.unchanged([f])
         before = scores_with_negatives(f, prototypes, old, labels[:1], 0.8)
         after = scores_with_negatives(f, prototypes, negatives, labels, 0.8)
         return unchanged, before, after
@@ -235,11 +236,42 @@ def test_a_new_negative_changes_scores_only_above_the_prototype_and_older_negati
 def test_the_negatives_screen_judges_each_image_of_a_batch_on_its_own_proposals():
     prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     negatives, labels = torch.tensor([[0.6, 0.8]]), torch.tensor([1])
-    screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]))
+    screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]), 0.8)
     # Class 1's threshold is max(f·p_1, 0) = f_y; the new negative's similarity 0.6 f_x + 0.8 f_y
-    # exceeds it only for the second image's second proposal (0.6 + 0 > 0).
+    # exceeds it only for the second image's second proposal (1.0 > 0.8), whose best class is 1.
     far = torch.tensor([[0.0, 1.0]])  # 0.8 < 1.0
-    near = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    near = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
     empty = torch.zeros(0, 2)
     assert screen.unchanged([far, near, empty, far]) == [True, False, True, True]
     assert screen.unchanged([]) == []
+
+
+def test_a_new_negative_of_a_class_below_a_proposals_best_changes_nothing():
+    """f = (0.8, 0.6): class 1 scores 0.6 and the new negative (similarity 0.96) lowers it, but
+    class 0 keeps the best score, 0.8, and that is all the result sees."""
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    negatives, labels = torch.tensor([[0.6, 0.8]]), torch.tensor([1])
+    screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]), 0.8)
+    f = torch.tensor([[0.8, 0.6]])
+    before = scores_with_negatives(f, prototypes, negatives[:0], labels[:0], 0.8)
+    after = scores_with_negatives(f, prototypes, negatives, labels, 0.8)
+    assert after[0, 1] < before[0, 1]
+    assert [t.tolist() for t in assign_classes(before)] == [
+        t.tolist() for t in assign_classes(after)
+    ]
+    assert screen.unchanged([f]) == [True]
+    # Class 1 within the margin of the best: counted as changed.
+    tie = F.normalize(torch.tensor([[1.0, 1.0 - 1e-5]]), dim=1)
+    assert screen.unchanged([tie]) == [False]
+
+
+def test_a_new_negative_cannot_lower_a_class_score_of_zero():
+    """f·p < 0: the class scores 0 * decay = 0 whatever the negative (similarity 0.74)."""
+    prototypes = torch.tensor([[1.0, 0.0]])
+    f = F.normalize(torch.tensor([[-0.1, 1.0]]), dim=1)
+    negatives, labels = torch.tensor([[0.6, 0.8]]), torch.tensor([0])
+    screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]), 0.8)
+    before = scores_with_negatives(f, prototypes, negatives[:0], labels[:0], 0.8)
+    assert torch.equal(before, scores_with_negatives(f, prototypes, negatives, labels, 0.8))
+    assert screen.unchanged([f]) == [True]
+    assert screen.unchanged([F.normalize(torch.tensor([[1e-3, 1.0]]), dim=1)]) == [False]

@@ -1,19 +1,24 @@
 """Re-scoring from cached proposals, through the plugin API and the plugin's cache collection."""
 
 import json
+from pathlib import Path
 
 import fiftyone as fo
 import fiftyone.core.odm as foo_odm
 import fiftyone.operators as foo
 import pytest
+import torch
 from fiftyone.factory.repos.execution_store import MongoExecutionStoreRepo
 from fiftyone.operators.delegated import DelegatedOperationService
 
 from ntt_core import NTTConfig
+from ntt_core.cache import cached_features, file_checksum, proposal_identity
+from ntt_core.registry import cache_dir
 from ntt_operators import api
 from ntt_operators.api import PluginInputError
 from ntt_operators.proposal_cache import (
     COLLECTION,
+    FEATURE_ROWS,
     ProposalCache,
     cached_proposal_count,
     clear_proposal_cache,
@@ -87,8 +92,13 @@ def test_the_cache_is_cleared_on_demand_and_with_the_dataset(scene_dataset):
     api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
     api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
     api.segment(scene_dataset.limit(3), "bank", "ntt", exclude_tag=None, reuse_proposals=True)
+    rows = foo_odm.get_db_conn()[FEATURE_ROWS]
+    folder = _feature_folder(scene_dataset)
+    assert rows.count_documents({"dataset_id": scene_dataset._doc.id}) == 3 and folder.is_dir()
     assert clear_proposal_cache(scene_dataset) == 3
     assert cached_proposal_count(scene_dataset) == 0
+    assert rows.count_documents({"dataset_id": scene_dataset._doc.id}) == 0
+    assert not folder.exists()
 
     api.segment(scene_dataset.limit(2), "bank", "ntt2", exclude_tag=None, reuse_proposals=True)
     entries = foo_odm.get_db_conn()[COLLECTION]
@@ -98,6 +108,7 @@ def test_the_cache_is_cleared_on_demand_and_with_the_dataset(scene_dataset):
     other = fo.Dataset()
     ProposalCache(other, TINY)  # opening any cache removes a deleted dataset's entries
     assert entries.count_documents({"dataset_id": dataset_id}) == 0
+    assert rows.count_documents({"dataset_id": dataset_id}) == 0 and not folder.exists()
     other.delete()
 
 
@@ -149,3 +160,36 @@ def test_stamps_are_updated_in_place_and_added_for_new_samples(scene_dataset):
     cache.stamp(["a"], "other", second)
     assert cache.stamps(["a", "b", "c", "d"], "pred") == {"a": first, "b": second, "c": second}
     assert cache.stamps(["a", "b"], "other") == {"a": second}
+
+
+def _feature_folder(dataset: fo.Dataset) -> Path:
+    return cache_dir() / "proposal-features" / str(dataset._doc.id)
+
+
+def test_screening_reads_float16_rows_of_unchanged_images_only(scene_dataset, run_dir):
+    """The screen's features come from the compact rows, equal to the entries' in float16; a
+    re-encoded image's rows are never used, and entries cached before the rows existed get
+    theirs when they are next read."""
+    copy = run_dir / "re_encoded_after_caching.png"
+    copy.write_bytes(open(scene_dataset.first().filepath, "rb").read())
+    scene_dataset.add_sample(fo.Sample(filepath=str(copy)))
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    api.segment(scene_dataset, "bank", "pred", exclude_tag=None, reuse_proposals=True)
+    cache = ProposalCache(scene_dataset, TINY)
+    ids, paths = scene_dataset.values(["id", "filepath"])
+    checksums = {i: file_checksum(p) for i, p in zip(ids, paths)}
+    features = cache.screening_features(ids, checksums)
+    assert set(features) == set(ids)
+    for sample_id, blob in cache.get_many(ids).items():
+        full = cached_features(blob, checksums[sample_id], proposal_identity(TINY))
+        assert torch.equal(features[sample_id], full.half())
+
+    copy.write_bytes(copy.read_bytes() + b"re-encoded")
+    checksums[ids[-1]] = file_checksum(copy)
+    assert set(cache.screening_features(ids, checksums)) == set(ids[:-1])
+
+    foo_odm.get_db_conn()[FEATURE_ROWS].delete_many({"dataset_id": scene_dataset._doc.id})
+    assert cache.screening_features(ids, checksums) == {}
+    cache.index_features(cache.get_many(ids[:2]))
+    assert set(cache.screening_features(ids, checksums)) == set(ids[:2])

@@ -5,8 +5,9 @@ last scored it into the field and the scoring state that run used
 (``ntt_core.cache.scoring_state``). A run records its epoch and the states it knows in its run
 results. When only negatives were added since an image's stamp, and no proposal of the image
 resembles a new negative more than both its class prototype and that class's older negatives,
-every class score of the image is unchanged, so is its result, and the image is neither scored
-nor written.
+or the ones that do had a better class than the negative's, every proposal keeps its best class
+and score, so the image keeps its result, and it is neither scored nor written
+(``NegativesScreen``). The screen reads the entries' float16 feature rows, not the entries.
 
 Every run starts a new epoch and stamps what it scored only once it completes: a run that
 stopped midway, or one that wrote the field without the cache, leaves no stamp to trust.
@@ -20,18 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fiftyone as fo
-import torch
 
 from ntt_core import MemoryBank, NTTConfig
-from ntt_core.cache import (
-    cached_features,
-    negatives_added_since,
-    proposal_identity,
-    scoring_state,
-)
+from ntt_core.cache import negatives_added_since, proposal_identity, scoring_state
 from ntt_core.matching import NegativesScreen
 
-from ..proposal_cache import Prefetched, ProposalCache
+from ..proposal_cache import ProposalCache
 
 KEPT_STATES = 16
 """Scoring states a field's run remembers (one per round, newest kept)."""
@@ -49,27 +44,38 @@ class Screen:
     current: tuple[str, list[str]]
     """``(base, negatives)`` of the current scoring state."""
     states: dict[str, dict[str, Any]]
+    sigma: float
+    """The scoring's ``negative_sigma``."""
     screened: int = field(default=0, init=False)
     _since: dict = field(default_factory=dict, init=False)
 
-    def unchanged(self, store: Prefetched, sample_ids: Sequence[str]) -> set[str]:
-        """The samples of ``sample_ids`` (all in ``store``'s batch) whose predictions the bank
-        change leaves as they are; one screen per recorded state, over all its images at once."""
-        by_state: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    def unchanged(
+        self,
+        cache: ProposalCache,
+        sample_ids: Sequence[str],
+        stamps: dict[str, dict],
+        checksums: dict[str, str | None],
+    ) -> set[str]:
+        """The samples of ``sample_ids`` whose predictions the bank change leaves as they are,
+        given their ``stamps`` and their image files' ``checksums``; one screen per recorded
+        state, over all its images at once, on the entries' float16 feature rows."""
+        candidates = []
         for sample_id in sample_ids:
-            stamp, blob = store.stamps.get(sample_id), store.blobs.get(sample_id)
-            checksum = store.checksums.get(sample_id)
-            if not stamp or blob is None or checksum is None or stamp.get("epoch") != self.epoch:
+            stamp = stamps.get(sample_id)
+            if not stamp or checksums.get(sample_id) is None or stamp.get("epoch") != self.epoch:
                 continue
-            if self._added(stamp.get("state")) is None:
-                continue
-            features = cached_features(blob, checksum, self.identity)
-            if features is not None:  # else a stale entry: the image is proposed again
-                by_state.setdefault(stamp["state"], []).append((sample_id, features))
+            if self._added(stamp.get("state")) is not None:
+                candidates.append(sample_id)
+        # A stale or missing entry has no valid rows: its image is proposed again.
+        features = cache.screening_features(candidates, checksums)
+        by_state: dict[str, list[str]] = {}
+        for sample_id in candidates:
+            if sample_id in features:
+                by_state.setdefault(stamps[sample_id]["state"], []).append(sample_id)
         kept = set()
-        for state, entries in by_state.items():
-            verdicts = self._added(state).unchanged([features for _, features in entries])
-            kept.update(sample_id for (sample_id, _), same in zip(entries, verdicts) if same)
+        for state, ids in by_state.items():
+            verdicts = self._added(state).unchanged([features[i] for i in ids])
+            kept.update(sample_id for sample_id, same in zip(ids, verdicts) if same)
         self.screened += len(kept)
         return kept
 
@@ -82,7 +88,7 @@ class Screen:
             )
             bank = self.bank
             self._since[state] = added is not None and NegativesScreen.of(
-                bank.prototypes, bank.negatives, bank.negative_labels, added
+                bank.prototypes, bank.negatives, bank.negative_labels, added, self.sigma
             )
         return self._since[state] or None
 
@@ -131,7 +137,14 @@ def plan_stamping(
         stamp={"epoch": uuid.uuid4().hex, "state": state},
         states=states,
         screen=(
-            Screen(bank, proposal_identity(config), previous["epoch"], (base, negatives), states)
+            Screen(
+                bank,
+                proposal_identity(config),
+                previous["epoch"],
+                (base, negatives),
+                states,
+                config.negative_sigma,
+            )
             if usable
             else None
         ),

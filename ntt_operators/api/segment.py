@@ -35,7 +35,7 @@ from .common import (
     root_dataset,
     source_samples,
 )
-from .rescore import Stamping, plan_stamping
+from .rescore import Screen, Stamping, plan_stamping
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 UNCHANGED = object()
@@ -378,9 +378,8 @@ def _predict_locally(
         return
     screen = stamping.screen if stamping else None
     stamped_field = stamping.label_field if screen else None
-    for keys, paths, store in _read_ahead(cache, sample_ids, filepaths, timings, stamped_field):
-        with _timed(timings, "screen"), _one_thread():
-            kept = screen.unchanged(store, keys) if screen else set()
+    batches = _read_ahead(cache, sample_ids, filepaths, timings, screen, stamped_field)
+    for keys, paths, store, kept in batches:
         for sample_id, filepath in zip(keys, paths):
             if sample_id in kept:
                 yield sample_id, UNCHANGED, None
@@ -397,30 +396,38 @@ def _read_ahead(
     sample_ids: list[str],
     filepaths: list[str],
     timings: dict[str, float],
+    screen: Screen | None = None,
     stamped_field: str | None = None,
     batch: int = 128,
-) -> Iterator[tuple[list[str], list[str], Prefetched]]:
-    """The samples in batches, each with the cache in front of it: entries (and their stamps
-    for ``stamped_field``, and their image files' checksums) are read ``batch`` per query, the
-    next batch in a thread while this one is scored (``timings["read_cache"]`` is the wait
-    left). Hashing and reading release the GIL, so the thread works beside the scoring."""
+) -> Iterator[tuple[list[str], list[str], Prefetched, set[str]]]:
+    """The samples in batches, each with the cache in front of it and the samples ``screen``
+    leaves unchanged. Per batch of ``batch`` samples: stamps (for ``stamped_field``), image
+    checksums, the screen's verdicts, then the entries of the samples it did not clear; the
+    next batch is worked out in a thread while this one is scored (``timings["read_cache"]``
+    is the wait left, ``timings["screen"]`` the thread's screening). Hashing, reading and
+    matrix products release the GIL, so the thread works beside the scoring."""
     starts = range(0, len(sample_ids), batch)
     batches = [(sample_ids[i : i + batch], filepaths[i : i + batch]) for i in starts]
 
-    def read(keys: list[str], paths: list[str]) -> Prefetched:
-        blobs = cache.get_many(keys)
+    def read(keys: list[str], paths: list[str]) -> tuple[Prefetched, set[str]]:
         stamps = cache.stamps(keys, stamped_field) if stamped_field else {}
-        checksums = {key: _checksum_or_none(path) for key, path in zip(keys, paths) if key in blobs}
-        return Prefetched(cache, blobs, stamps, checksums)
+        checksums = {key: _checksum_or_none(path) for key, path in zip(keys, paths)}
+        kept = set()
+        if screen:
+            with _timed(timings, "screen"):
+                kept = screen.unchanged(cache, keys, stamps, checksums)
+        blobs = cache.get_many([key for key in keys if key not in kept])
+        cache.index_features(blobs)  # entries cached before the float16 rows existed
+        return Prefetched(cache, blobs, stamps, checksums), kept
 
     with ThreadPoolExecutor(1, thread_name_prefix="ntt-cache-read") as reader:
         pending = reader.submit(read, *batches[0]) if batches else None
         for index, (keys, paths) in enumerate(batches):
             with _timed(timings, "read_cache"):
-                store = pending.result()
+                store, kept = pending.result()
             if index + 1 < len(batches):
                 pending = reader.submit(read, *batches[index + 1])
-            yield keys, paths, store
+            yield keys, paths, store, kept
 
 
 def _checksum_or_none(path: str) -> str | None:
