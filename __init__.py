@@ -19,6 +19,7 @@ from ntt_operators.bank import (  # noqa: E402
     UpdateMemoryBank,
 )
 from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
+from ntt_operators.explain import ReviewPredictions, ShowReferencePredictions  # noqa: E402
 from ntt_operators.references import SampleReferences  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
@@ -32,6 +33,8 @@ OPERATORS = (
     ClearProposalCache,
     EvaluateSegmentations,
     LoadEvaluationPatches,
+    ReviewPredictions,
+    ShowReferencePredictions,
 )
 
 

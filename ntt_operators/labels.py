@@ -7,8 +7,9 @@ works in pixels with full-resolution masks. Every conversion between the two liv
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import fiftyone as fo
 import numpy as np
@@ -17,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 from ntt_core import Instances
 from ntt_core.errors import ReferenceInputError
+from ntt_core.explain import ATTRIBUTES
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,33 @@ def annotations(
 
 
 def instance_to_detection(
-    rle: dict, label: str, confidence: float, label_id: ObjectId | None = None
+    rle: dict,
+    label: str,
+    confidence: float,
+    label_id: ObjectId | None = None,
+    reasons: Mapping[str, Any] | None = None,
 ) -> fo.Detection:
-    """One predicted instance; the full-resolution mask is decoded only for this instance."""
+    """One predicted instance; the full-resolution mask is decoded only for this instance.
+    ``reasons`` (``ntt_core.explain``) become label attributes."""
     mask = mask_utils.decode(rle).astype(bool)
-    detection = fo.Detection.from_mask(mask, label=label, confidence=confidence)
+    detection = fo.Detection.from_mask(mask, label=label, confidence=confidence, **(reasons or {}))
     if label_id is not None:
         detection._id = label_id
     return detection
+
+
+def declare_reasons(dataset: fo.Dataset, field: str) -> None:
+    """Declares the reasons' attributes on ``field``'s detections, so that the App's sidebar
+    filters and sorts them (undeclared attributes are stored but not shown there)."""
+    schema = dataset.get_field_schema(flat=True)
+    for name in ATTRIBUTES:
+        path = f"{field}.detections.{name}"
+        if path not in schema:
+            kind = fo.StringField if name in _TEXT_REASONS else fo.FloatField
+            dataset.add_sample_field(path, kind)
+
+
+_TEXT_REASONS = ("runner_up", "nearest_reference")
 
 
 def instances_to_detections(instances: Instances, seed: str | None = None) -> fo.Detections:
@@ -162,13 +183,21 @@ def instances_to_detections(instances: Instances, seed: str | None = None) -> fo
     the same proposal keeps its id, and with it its tags, when a sample is scored again.
     """
     ids = prediction_ids(seed, instances.rles) if seed is not None else [None] * len(instances)
+    reasons = instance_reasons(instances)
     detections = [
-        instance_to_detection(rle, name, float(score), label_id)
-        for rle, name, score, label_id in zip(
-            instances.rles, instances.label_names, instances.scores, ids
+        instance_to_detection(rle, name, float(score), label_id, why)
+        for rle, name, score, label_id, why in zip(
+            instances.rles, instances.label_names, instances.scores, ids, reasons
         )
     ]
     return fo.Detections(detections=detections)
+
+
+def instance_reasons(instances: Instances) -> list[dict[str, Any] | None]:
+    """Each instance's label attributes saying why it was predicted (None: not computed)."""
+    if instances.explanation is None:
+        return [None] * len(instances)
+    return instances.explanation.rows()
 
 
 def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
@@ -186,12 +215,14 @@ def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
 
 @dataclass
 class ScoreEdit:
-    """A re-scored sample whose predictions keep their masks: by label id, the labels and the
-    confidences that changed, and the ids of the predictions that are gone."""
+    """A re-scored sample whose predictions keep their masks: by label id, the labels, the
+    confidences and the reasons that changed, and the ids of the predictions that are gone."""
 
     labels: dict[str, str]
     confidences: dict[str, float]
     removed: list[str]
+    reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """By label id, the reasons' attributes (``ntt_core.explain``) that changed."""
 
 
 class FieldWriter:
@@ -242,6 +273,15 @@ class FieldWriter:
             ]
             if values:
                 self.dataset.set_label_values(f"{path}.{label_attribute}", values)
+        for name in ATTRIBUTES:
+            values = [
+                {"sample_id": sample_id, "label_id": label_id, "value": reasons[name]}
+                for sample_id, edit in self._edits.items()
+                for label_id, reasons in edit.reasons.items()
+                if name in reasons
+            ]
+            if values:
+                self.dataset.set_label_values(f"{path}.{name}", values)
         removed = [label_id for edit in self._edits.values() for label_id in edit.removed]
         if removed:
             self.dataset.delete_labels(ids=removed, fields=self.field)

@@ -14,11 +14,19 @@ import torch
 
 from ntt_core import Instances, MemoryBank, NTTConfig, NTTError, NTTPredictor
 from ntt_core.cache import file_checksum
+from ntt_core.explain import ATTRIBUTES
 from ntt_core.models import encoder_identity
 from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
 from .. import locks
-from ..labels import FieldWriter, ScoreEdit, instances_to_detections, prediction_ids
+from ..labels import (
+    FieldWriter,
+    ScoreEdit,
+    declare_reasons,
+    instance_reasons,
+    instances_to_detections,
+    prediction_ids,
+)
 from ..proposal_cache import Prefetched, ProposalCache
 from .bank import load_memory_bank, memory_bank_config
 from .common import (
@@ -206,6 +214,7 @@ def iter_segment(
             dataset.add_sample_field(
                 label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
             )
+        declare_reasons(dataset, label_field)
 
         writer = FieldWriter(dataset, label_field, batch_size)
         failed: dict[str, str] = {}
@@ -267,7 +276,7 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 Previous = dict[str, tuple[list, dict[str, list[str]]]]
-"""sample id -> ((id, label, confidence) per prediction, label id -> tags)."""
+"""sample id -> ((id, label, confidence, reasons) per prediction, label id -> tags)."""
 
 
 def _previous_predictions(collection: Collection, label_field: str) -> Previous:
@@ -275,11 +284,16 @@ def _previous_predictions(collection: Collection, label_field: str) -> Previous:
     path = f"{label_field}.detections"
     columns = collection.values(
         ["id", f"{path}.id", f"{path}.label", f"{path}.confidence", f"{path}.tags"]
+        + [f"{path}.{name}" for name in ATTRIBUTES]
     )
     previous = {}
-    for sample_id, ids, labels, confidences, tags in zip(*columns):
+    for sample_id, ids, labels, confidences, tags, *reasons in zip(*columns):
         ids, labels, confidences, tags = (v or [] for v in (ids, labels, confidences, tags))
-        rows = list(zip(ids, labels, confidences))
+        reasons = [v or [None] * len(ids) for v in reasons]
+        rows = [
+            (*row, dict(zip(ATTRIBUTES, (v[k] for v in reasons))))
+            for k, row in enumerate(zip(ids, labels, confidences))
+        ]
         previous[sample_id] = (rows, {i: t for i, t in zip(ids, tags) if t})
     return previous
 
@@ -296,20 +310,29 @@ def _detections(
         return instances_to_detections(result, seed=seed)
     rows, tags = previous.get(sample_id, ([], {}))
     ids = [str(i) for i in prediction_ids(seed, result.rles)]
-    new = dict(zip(ids, zip(result.label_names, map(float, result.scores))))
-    old = {label_id: (label, confidence) for label_id, label, confidence in rows}
+    scored = zip(result.label_names, map(float, result.scores), instance_reasons(result))
+    new = dict(zip(ids, scored))
+    old = {label_id: (label, confidence, reasons) for label_id, label, confidence, reasons in rows}
     if new == old:
         return None
     if new.keys() <= old.keys():
         return ScoreEdit(
-            labels={i: label for i, (label, _) in new.items() if label != old[i][0]},
-            confidences={i: score for i, (_, score) in new.items() if score != old[i][1]},
+            labels={i: label for i, (label, _, _) in new.items() if label != old[i][0]},
+            confidences={i: score for i, (_, score, _) in new.items() if score != old[i][1]},
             removed=[i for i in old if i not in new],
+            reasons={
+                i: _changed(why, old[i][2]) for i, (_, _, why) in new.items() if why != old[i][2]
+            },
         )
     detections = instances_to_detections(result, seed=seed)
     for detection in detections.detections:
         detection.tags = list(tags.get(detection.id, []))
     return detections
+
+
+def _changed(new: dict | None, old: dict) -> dict:
+    """The reasons' attributes of ``new`` whose value differs from ``old``'s."""
+    return {name: value for name, value in (new or {}).items() if old.get(name) != value}
 
 
 def evaluations_on(dataset: fo.Dataset, label_field: str) -> list[str]:
