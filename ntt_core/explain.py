@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .bank import MemoryBank
 
@@ -70,35 +69,37 @@ def explain(
     features: torch.Tensor, labels: torch.Tensor, sam_iou: torch.Tensor, bank: MemoryBank
 ) -> Explanation:
     """The reasons of predictions with L2-normalised ``features`` (N, C) of classes ``labels``
-    (N,) and SAM2's ``sam_iou`` (N,). A few (N, R) products: N is at most a few hundred."""
-    features = features.float().cpu()
-    labels = labels.long().cpu()
-    rows = torch.arange(len(labels))
-    to_prototypes = features @ bank.prototypes.T  # (N, K)
+    (N,) and SAM2's ``sam_iou`` (N,). A few (N, R) products; in numpy, since on arrays of a few
+    rows each torch call costs more than its work (this runs once per scored image)."""
+    features = features.detach().float().cpu().numpy()
+    labels = labels.cpu().numpy()
+    rows = np.arange(len(labels))
+    to_prototypes = features @ bank.prototypes.numpy().T  # (N, K)
     class_similarity = to_prototypes[rows, labels]
-    others = to_prototypes.clone()
-    others[rows, labels] = -torch.inf
     if len(bank.classes) > 1:
-        runner_up_similarity, runner_up = others.max(dim=1)
-        margin = class_similarity - runner_up_similarity
+        to_prototypes[rows, labels] = -np.inf
+        runner_up = to_prototypes.argmax(axis=1)
+        margin = class_similarity - to_prototypes[rows, runner_up]
         runner_up_names = [bank.classes[k] for k in runner_up.tolist()]
     else:
-        margin = torch.full_like(class_similarity, torch.nan)
+        margin = np.full(len(labels), np.nan, dtype=np.float32)
         runner_up_names = [None] * len(labels)
+    references = bank.features.numpy()
+    references = references / np.linalg.norm(references, axis=1, keepdims=True)
     reference_similarity, nearest = _nearest_of_class(
-        features, labels, F.normalize(bank.features, dim=1), bank.labels
+        features, labels, references, bank.labels.numpy()
     )
     negative_similarity, _ = _nearest_of_class(
-        features, labels, bank.negatives, bank.negative_labels
+        features, labels, bank.negatives.numpy(), bank.negative_labels.numpy()
     )
     return Explanation(
-        sam_iou=sam_iou.float().cpu().numpy(),
-        class_similarity=class_similarity.numpy(),
+        sam_iou=sam_iou.detach().float().cpu().numpy(),
+        class_similarity=class_similarity,
         runner_up=runner_up_names,
-        margin=margin.numpy(),
+        margin=margin,
         nearest_reference=[label_id(bank.ref_ids[j]) for j in nearest.tolist()],
-        nearest_reference_similarity=reference_similarity.numpy(),
-        nearest_negative_similarity=negative_similarity.numpy(),
+        nearest_reference_similarity=reference_similarity,
+        nearest_negative_similarity=negative_similarity,
     )
 
 
@@ -108,18 +109,20 @@ def label_id(ref_id: str) -> str:
 
 
 def _nearest_of_class(
-    features: torch.Tensor, labels: torch.Tensor, members: torch.Tensor, member_labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    features: np.ndarray, labels: np.ndarray, members: np.ndarray, member_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """For each feature, the highest cosine to a member of its own class and that member's
     index; NaN and -1 where the class has no member."""
     if members.shape[0] == 0:
-        empty = torch.full((len(labels),), torch.nan)
-        return empty, torch.full((len(labels),), -1, dtype=torch.int64)
+        return np.full(len(labels), np.nan, dtype=np.float32), np.full(len(labels), -1)
     similarity = features @ members.T  # (N, M)
     same_class = labels[:, None] == member_labels[None, :]
-    best, index = similarity.masked_fill(~same_class, -torch.inf).max(dim=1)
-    none = ~same_class.any(dim=1)
-    return best.masked_fill(none, torch.nan), index.masked_fill(none, -1)
+    similarity[~same_class] = -np.inf
+    index = similarity.argmax(axis=1)
+    best = similarity[np.arange(len(labels)), index]
+    none = ~same_class.any(axis=1)
+    best[none], index[none] = np.nan, -1
+    return best, index
 
 
 def _plain(values: np.ndarray | list) -> list:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import fiftyone as fo
 import numpy as np
 from bson import ObjectId
 from pycocotools import mask as mask_utils
+from pymongo import UpdateOne
 
 from ntt_core import Instances
 from ntt_core.errors import ReferenceInputError
@@ -194,9 +196,9 @@ def instances_to_detections(instances: Instances, seed: str | None = None) -> fo
 
 
 def instance_reasons(instances: Instances) -> list[dict[str, Any] | None]:
-    """Each instance's label attributes saying why it was predicted (None: not computed)."""
+    """Each instance's label attributes saying why it was predicted (none where not computed)."""
     if instances.explanation is None:
-        return [None] * len(instances)
+        return [{}] * len(instances)
     return instances.explanation.rows()
 
 
@@ -222,7 +224,18 @@ class ScoreEdit:
     confidences: dict[str, float]
     removed: list[str]
     reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """By label id, the reasons' attributes (``ntt_core.explain``) that changed."""
+    """By label id, the reasons' attributes (``ntt_core.explain``) to write."""
+
+    def changes(self) -> dict[str, dict[str, Any]]:
+        """By label id, every attribute to set: label, confidence and reasons."""
+        changes: dict[str, dict[str, Any]] = {}
+        for label_id, reasons in self.reasons.items():
+            changes.setdefault(label_id, {}).update(reasons)
+        for label_id, label in self.labels.items():
+            changes.setdefault(label_id, {})["label"] = label
+        for label_id, confidence in self.confidences.items():
+            changes.setdefault(label_id, {})["confidence"] = confidence
+        return changes
 
 
 class FieldWriter:
@@ -264,24 +277,24 @@ class FieldWriter:
             self._edits = {}
 
     def _apply_edits(self) -> None:
-        path = f"{self.field}.detections"
-        for attribute, label_attribute in (("labels", "label"), ("confidences", "confidence")):
-            values = [
-                {"sample_id": sample_id, "label_id": label_id, "value": value}
-                for sample_id, edit in self._edits.items()
-                for label_id, value in getattr(edit, attribute).items()
-            ]
-            if values:
-                self.dataset.set_label_values(f"{path}.{label_attribute}", values)
-        for name in ATTRIBUTES:
-            values = [
-                {"sample_id": sample_id, "label_id": label_id, "value": reasons[name]}
-                for sample_id, edit in self._edits.items()
-                for label_id, reasons in edit.reasons.items()
-                if name in reasons
-            ]
-            if values:
-                self.dataset.set_label_values(f"{path}.{name}", values)
+        """One update per edited prediction, setting its label, confidence and reasons at once:
+        ``set_label_values`` would make one pass over the predictions per attribute."""
+        path = f"{self.field}.detections.$[label]"
+        now = datetime.now(timezone.utc).replace(tzinfo=None)  # as FiftyOne stores it
+        updates, sample_ids = [], []
+        for sample_id, edit in self._edits.items():
+            for label_id, values in edit.changes().items():
+                changes = {f"{path}.{name}": value for name, value in values.items()}
+                updates.append(
+                    UpdateOne(
+                        {"_id": ObjectId(sample_id)},
+                        {"$set": {**changes, "last_modified_at": now}},
+                        array_filters=[{"label._id": ObjectId(label_id)}],
+                    )
+                )
+                sample_ids.append(sample_id)
+        if updates:
+            self.dataset._bulk_write(updates, ids=sample_ids)
         removed = [label_id for edit in self._edits.values() for label_id in edit.removed]
         if removed:
             self.dataset.delete_labels(ids=removed, fields=self.field)

@@ -14,7 +14,6 @@ import torch
 
 from ntt_core import Instances, MemoryBank, NTTConfig, NTTError, NTTPredictor
 from ntt_core.cache import file_checksum
-from ntt_core.explain import ATTRIBUTES
 from ntt_core.models import encoder_identity
 from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
@@ -276,7 +275,12 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 Previous = dict[str, tuple[list, dict[str, list[str]]]]
-"""sample id -> ((id, label, confidence, reasons) per prediction, label id -> tags)."""
+"""sample id -> ((id, label, confidence, compared reasons) per prediction, label id -> tags)."""
+COMPARED_REASONS = ("margin",)
+"""The reasons compared with what the field holds (``margin``); each one read costs a column.
+The others move only with the confidence (they are similarities to the prediction's own
+class), except ``nearest_negative_similarity`` where a negative is no nearer than the class
+prototype: then it has no effect on the prediction and may keep its old value (README)."""
 
 
 def _previous_predictions(collection: Collection, label_field: str) -> Previous:
@@ -284,14 +288,14 @@ def _previous_predictions(collection: Collection, label_field: str) -> Previous:
     path = f"{label_field}.detections"
     columns = collection.values(
         ["id", f"{path}.id", f"{path}.label", f"{path}.confidence", f"{path}.tags"]
-        + [f"{path}.{name}" for name in ATTRIBUTES]
+        + [f"{path}.{name}" for name in COMPARED_REASONS]
     )
     previous = {}
     for sample_id, ids, labels, confidences, tags, *reasons in zip(*columns):
         ids, labels, confidences, tags = (v or [] for v in (ids, labels, confidences, tags))
         reasons = [v or [None] * len(ids) for v in reasons]
         rows = [
-            (*row, dict(zip(ATTRIBUTES, (v[k] for v in reasons))))
+            (*row, tuple(v[k] for v in reasons))
             for k, row in enumerate(zip(ids, labels, confidences))
         ]
         previous[sample_id] = (rows, {i: t for i, t in zip(ids, tags) if t})
@@ -310,9 +314,10 @@ def _detections(
         return instances_to_detections(result, seed=seed)
     rows, tags = previous.get(sample_id, ([], {}))
     ids = [str(i) for i in prediction_ids(seed, result.rles)]
-    scored = zip(result.label_names, map(float, result.scores), instance_reasons(result))
-    new = dict(zip(ids, scored))
-    old = {label_id: (label, confidence, reasons) for label_id, label, confidence, reasons in rows}
+    reasons = dict(zip(ids, instance_reasons(result)))
+    compared = [tuple(why.get(name) for name in COMPARED_REASONS) for why in reasons.values()]
+    new = dict(zip(ids, zip(result.label_names, map(float, result.scores), compared)))
+    old = {label_id: (label, confidence, why) for label_id, label, confidence, why in rows}
     if new == old:
         return None
     if new.keys() <= old.keys():
@@ -320,19 +325,12 @@ def _detections(
             labels={i: label for i, (label, _, _) in new.items() if label != old[i][0]},
             confidences={i: score for i, (_, score, _) in new.items() if score != old[i][1]},
             removed=[i for i in old if i not in new],
-            reasons={
-                i: _changed(why, old[i][2]) for i, (_, _, why) in new.items() if why != old[i][2]
-            },
+            reasons={i: why for i, why in reasons.items() if why},
         )
     detections = instances_to_detections(result, seed=seed)
     for detection in detections.detections:
         detection.tags = list(tags.get(detection.id, []))
     return detections
-
-
-def _changed(new: dict | None, old: dict) -> dict:
-    """The reasons' attributes of ``new`` whose value differs from ``old``'s."""
-    return {name: value for name, value in (new or {}).items() if old.get(name) != value}
 
 
 def evaluations_on(dataset: fo.Dataset, label_field: str) -> list[str]:
