@@ -19,7 +19,11 @@ from ntt_operators.bank import (  # noqa: E402
     UpdateMemoryBank,
 )
 from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
-from ntt_operators.explain import ReviewPredictions, ShowReferencePredictions  # noqa: E402
+from ntt_operators.explain import (  # noqa: E402
+    IndexLookAlikes,
+    ReviewPredictions,
+    ShowReferencePredictions,
+)
 from ntt_operators.references import SampleReferences  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
@@ -35,6 +39,7 @@ OPERATORS = (
     LoadEvaluationPatches,
     ReviewPredictions,
     ShowReferencePredictions,
+    IndexLookAlikes,
 )
 
 

@@ -115,3 +115,50 @@ class ShowReferencePredictions(foo.Operator):
         if isinstance(ctx.results, dict) and "error" in ctx.results:
             return forms.failure_outputs("Show a reference's predictions")
         return None
+
+
+class IndexLookAlikes(foo.Operator):
+    @property
+    def config(self) -> foo.OperatorConfig:
+        return foo.OperatorConfig(
+            name="index_look_alikes",
+            label="Index look-alikes",
+            description="Similarity index and embeddings map of a field's predictions, from the "
+            "cached features (no model runs)",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
+        inputs = types.Object()
+        _predictions_field(ctx, inputs)
+        inputs.view(
+            "how",
+            types.Notice(
+                label="Then select a prediction patch and sort by similarity; the Embeddings "
+                "panel shows the map. Run again after a re-score: it is rebuilt, not updated"
+            ),
+        )
+        return types.Property(inputs, view=types.View(label="Index look-alikes"))
+
+    def execute(self, ctx: foo.ExecutionContext) -> dict:
+        return forms.reporting_failures(ctx, "Index look-alikes", lambda: self._run(ctx))
+
+    def _run(self, ctx: foo.ExecutionContext) -> dict:
+        field = ctx.params["pred_field"]
+        index = explain.build_similarity_index(ctx.dataset, field)
+        drawn = explain.build_embeddings_map(ctx.dataset, field)
+        ctx.ops.set_view(ctx.dataset.to_patches(field))
+        return {
+            "similarity": f"{index['brain_key']}: {index['predictions']} predictions "
+            f"({index['seconds']:.1f} s)",
+            "map": f"{drawn['brain_key']}: {drawn['method'].upper()} ({drawn['seconds']:.1f} s)",
+        }
+
+    def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
+        def outputs() -> types.Property:
+            outputs = forms.titled_outputs("Look-alikes indexed")
+            outputs.str("similarity", label="Similarity index")
+            outputs.str("map", label="Embeddings map")
+            return types.Property(outputs, view=types.View(label="Look-alikes indexed"))
+
+        return forms.outputs_or_failure(ctx, "Index look-alikes", outputs)

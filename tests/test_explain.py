@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -258,3 +259,29 @@ def test_evaluating_targets_without_ground_truth_says_it_is_on_the_references(sc
     # The choice offered: the references' objects count as missed, a real (low) mAP.
     results = api.evaluate(dataset, PREDICTIONS, "ground_truth", "eval", include_unsegmented=True)
     assert results.mAP() >= 0
+
+
+# -- look-alikes and the map from the cached features -----------------------------------------
+
+
+def test_the_similarity_index_sorts_look_alikes_by_their_cached_features(banked):
+    dataset = banked
+    out = explain_api.build_similarity_index(dataset, PREDICTIONS)
+    assert out["predictions"] == dataset.count(f"{PREDICTIONS}.detections")
+    patches = dataset.to_patches(PREDICTIONS)
+    ids = patches.values(f"{PREDICTIONS}.id")
+    sample_ids = patches.values("sample_id")
+    features = {i: cached_feature(dataset, s, i) for i, s in zip(ids, sample_ids)}
+    query = ids[0]
+    # By hand: the cosine of every prediction's cached feature to the query's.
+    by_hand = sorted(ids, key=lambda i: -float(features[i] @ features[query]))
+    ranked = patches.sort_by_similarity(query, brain_key=out["brain_key"]).values(
+        f"{PREDICTIONS}.id"
+    )
+    assert ranked[:2] == by_hand[:2]
+
+    drawn = explain_api.build_embeddings_map(dataset, PREDICTIONS)
+    umap = importlib.util.find_spec("umap") is not None
+    assert drawn["method"] == ("umap" if umap else "pca")
+    assert drawn["predictions"] == out["predictions"]
+    assert drawn["brain_key"] in dataset.list_brain_runs()
