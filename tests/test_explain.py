@@ -259,6 +259,10 @@ def test_evaluating_targets_without_ground_truth_says_it_is_on_the_references(sc
     # The choice offered: the references' objects count as missed, a real (low) mAP.
     results = api.evaluate(dataset, PREDICTIONS, "ground_truth", "eval", include_unsegmented=True)
     assert results.mAP() >= 0
+    # What FiftyOne's Model Evaluation panel lists: evaluations with stored results, by type.
+    config = dataset.get_evaluation_info("eval").config
+    assert (config.type, config.method) == ("detection", "coco")
+    assert dataset.load_evaluation_results("eval").confusion_matrix().size > 0
 
 
 # -- look-alikes and the map from the cached features -----------------------------------------
