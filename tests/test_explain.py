@@ -224,7 +224,17 @@ def test_blame_counts_match_a_hand_count_on_a_bank_with_a_wrong_reference(wrong_
 
 
 def test_the_review_queue_puts_the_least_sure_first(wrong_reference):
-    dataset, _ = wrong_reference
+    dataset, wrong = wrong_reference
+    # The operators the App runs: the queue, a reference's predictions, the bank's blame table.
+    reviewed = run_operator("review_predictions", dataset, pred_field=PREDICTIONS)
+    assert reviewed == {"patches": dataset.count(f"{PREDICTIONS}.detections")}
+    shown = run_operator(
+        "show_reference_predictions", dataset, bank_name="bank", reference=f"{PREDICTIONS}|{wrong}"
+    )
+    assert shown == {"patches": len(explain_api.reference_view(dataset, PREDICTIONS, wrong))}
+    info = run_operator("get_memory_bank_info", dataset, bank_name="bank")
+    assert info["blame"] == api.memory_bank_info(dataset, "bank")["blame"]
+
     by_margin = explain_api.review_view(dataset, PREDICTIONS, "margin")
     margins = by_margin.values(f"{PREDICTIONS}.margin")
     assert margins == sorted(margins) and len(margins) == dataset.count(f"{PREDICTIONS}.detections")
@@ -289,3 +299,12 @@ def test_the_similarity_index_sorts_look_alikes_by_their_cached_features(banked)
     assert drawn["method"] == ("umap" if umap else "pca")
     assert drawn["predictions"] == out["predictions"]
     assert drawn["brain_key"] in dataset.list_brain_runs()
+
+
+def run_operator(name: str, dataset, **params):
+    import fiftyone.operators as foo
+
+    result = foo.execute_operator(
+        f"@ntt/no_time_to_train/{name}", ctx={"view": dataset.view(), "params": params}
+    )
+    return result.result
