@@ -195,7 +195,7 @@ def instances_to_detections(instances: Instances, seed: str | None = None) -> fo
     return fo.Detections(detections=detections)
 
 
-def instance_reasons(instances: Instances) -> list[dict[str, Any] | None]:
+def instance_reasons(instances: Instances) -> list[dict[str, Any]]:
     """Each instance's label attributes saying why it was predicted (none where not computed)."""
     if instances.explanation is None:
         return [{}] * len(instances)
@@ -217,8 +217,8 @@ def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
 
 @dataclass
 class ScoreEdit:
-    """A re-scored sample whose predictions keep their masks: by label id, the labels, the
-    confidences and the reasons that changed, and the ids of the predictions that are gone."""
+    """A re-scored sample whose predictions keep their masks: by label id, the labels and the
+    confidences that changed and the reasons to write, and the ids of the predictions gone."""
 
     labels: dict[str, str]
     confidences: dict[str, float]
@@ -240,7 +240,7 @@ class ScoreEdit:
 
 class FieldWriter:
     """Buffers per-sample values of one field and writes them with one ``set_values`` per batch;
-    ``ScoreEdit``s update only the changed labels and confidences, masks untouched.
+    ``ScoreEdit``s update only the changed labels, confidences and reasons, masks untouched.
 
     Saving sample by sample costs a database round trip each; a batch costs one. Rewriting a
     sample re-encodes all its masks, which is most of a re-score's time when only scores moved.
