@@ -19,6 +19,11 @@ from ntt_operators.bank import (  # noqa: E402
     UpdateMemoryBank,
 )
 from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
+from ntt_operators.explain import (  # noqa: E402
+    IndexLookAlikes,
+    ReviewPredictions,
+    ShowReferencePredictions,
+)
 from ntt_operators.references import SampleReferences  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
@@ -32,6 +37,9 @@ OPERATORS = (
     ClearProposalCache,
     EvaluateSegmentations,
     LoadEvaluationPatches,
+    ReviewPredictions,
+    ShowReferencePredictions,
+    IndexLookAlikes,
 )
 
 

@@ -19,6 +19,7 @@ from .bank import MemoryBank
 from .coco import json_ready_rle
 from .config import NTTConfig
 from .errors import ReferenceInputError
+from .explain import explain
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .masks import CroppedMasks, RLEMasks, masks_from_logits
 from .matching import assign_classes, overlap_decay, pooled_features, scores_with_negatives
@@ -212,6 +213,7 @@ class NTTPredictor:
             labels=labels[top].cpu().numpy().astype(np.int64),
             class_names=list(bank.classes),
             rles=[json_ready_rle(rle) for rle in returned.rles()],
+            explanation=explain(features[top], labels[top], proposals.pred_iou[order][top], bank),
         )
 
     def class_scores(self, features: torch.Tensor, bank: MemoryBank) -> torch.Tensor:

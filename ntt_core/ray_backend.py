@@ -63,6 +63,7 @@ def instances_to_dict(instances: Instances) -> dict[str, Any]:
         "labels": instances.labels,
         "class_names": list(instances.class_names),
         "rles": list(instances.rles),
+        "explanation": instances.explanation,
     }
 
 
@@ -74,6 +75,7 @@ def instances_from_dict(data: dict[str, Any]) -> Instances:
         labels=np.asarray(data["labels"], dtype=np.int64),
         class_names=list(data["class_names"]),
         rles=[dict(rle) for rle in data["rles"]],
+        explanation=data.get("explanation"),
     )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .coco import paper_boxes_xywh, results_from_detections
+from .explain import Explanation
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Instances:
     class_names: list[str]
     rles: list[dict]
     """COCO RLE of each full-resolution mask (``counts`` as str, JSON-ready)."""
+    explanation: Explanation | None = None
+    """Why each instance was predicted (``ntt_core.explain``); None where not computed."""
 
     def __len__(self) -> int:
         return len(self.rles)

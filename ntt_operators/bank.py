@@ -233,6 +233,7 @@ def info_summary(info: dict[str, Any]) -> dict[str, Any]:
         "references": f"{info['num_references']} ({info['masks_from_boxes']} masks from boxes)",
         "negatives": f"{info['num_negatives']} (tag {info['negative_tag']!r})",
         "quality": info["quality"],
+        "blame": info.get("blame", []),
     }
 
 
@@ -436,9 +437,29 @@ class GetMemoryBankInfo(foo.Operator):
         )
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
-        return forms.outputs_or_failure(
-            ctx, "Get memory bank info", lambda: bank_outputs("Memory bank info")
-        )
+        return forms.outputs_or_failure(ctx, "Get memory bank info", _info_outputs)
+
+
+def _info_outputs() -> types.Property:
+    """The bank's outputs and, per reference, the predictions it is nearest to (its blame)."""
+    info = bank_outputs("Memory bank info")
+    table = types.TableView()
+    for key, label in (
+        ("reference", "Reference (label id)"),
+        ("class", "Class"),
+        ("field", "Predictions field"),
+        ("predictions", "Predictions it is nearest to"),
+        ("false_positives", "Of which false positives"),
+    ):
+        table.add_column(key, label=label)
+    info.type.list(
+        "blame",
+        types.Object(),
+        label="Which reference drives which predictions (worst first)",
+        description="'Show a reference's predictions' opens them in the grid",
+        view=table,
+    )
+    return info
 
 
 class DeleteMemoryBank(foo.Operator):

@@ -73,6 +73,8 @@ class EvaluateSegmentations(foo.Operator):
                 ),
             )
         _left_out_choice(ctx, inputs, pred_field)
+        if pred_field and gt_field:
+            _ground_truth_check(ctx, inputs, pred_field, gt_field)
         forms.classes_choice(ctx, inputs, gt_field, "Leave empty for every class")
         inputs.bool(
             "load_patches",
@@ -138,6 +140,28 @@ def _left_out_choice(ctx: foo.ExecutionContext, inputs: types.Object, pred_field
             "left_out",
             types.Notice(label=f"{left_out} sample(s) tagged '{tag}' are left out: not segmented"),
         )
+
+
+def _ground_truth_check(
+    ctx: foo.ExecutionContext, inputs: types.Object, pred_field: str, gt_field: str
+) -> None:
+    """Says, before Execute, when the evaluated samples hold no ground truth, and where it is."""
+    tag = api.left_out_tag(ctx.dataset, pred_field)
+    message = forms.refusal(
+        lambda: api.check_ground_truth(
+            ctx.target_view(),
+            pred_field,
+            gt_field,
+            forms.param(ctx, DEFAULTS, "include_unsegmented"),
+        ),
+        {"include_unsegmented": f"Include the samples tagged '{tag}'"},
+    )
+    if message:
+        notice = inputs.view(
+            "no_ground_truth",
+            types.Warning(label="No ground truth to evaluate against", description=message),
+        )
+        notice.invalid = True
 
 
 def _report_outputs() -> types.Property:

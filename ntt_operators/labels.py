@@ -7,16 +7,20 @@ works in pixels with full-resolution masks. Every conversion between the two liv
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
 
 import fiftyone as fo
 import numpy as np
 from bson import ObjectId
 from pycocotools import mask as mask_utils
+from pymongo import UpdateOne
 
 from ntt_core import Instances
 from ntt_core.errors import ReferenceInputError
+from ntt_core.explain import ATTRIBUTES
 
 
 @dataclass(frozen=True)
@@ -145,14 +149,33 @@ def annotations(
 
 
 def instance_to_detection(
-    rle: dict, label: str, confidence: float, label_id: ObjectId | None = None
+    rle: dict,
+    label: str,
+    confidence: float,
+    label_id: ObjectId | None = None,
+    reasons: Mapping[str, Any] | None = None,
 ) -> fo.Detection:
-    """One predicted instance; the full-resolution mask is decoded only for this instance."""
+    """One predicted instance; the full-resolution mask is decoded only for this instance.
+    ``reasons`` (``ntt_core.explain``) become label attributes."""
     mask = mask_utils.decode(rle).astype(bool)
-    detection = fo.Detection.from_mask(mask, label=label, confidence=confidence)
+    detection = fo.Detection.from_mask(mask, label=label, confidence=confidence, **(reasons or {}))
     if label_id is not None:
         detection._id = label_id
     return detection
+
+
+def declare_reasons(dataset: fo.Dataset, field: str) -> None:
+    """Declares the reasons' attributes on ``field``'s detections, so that the App's sidebar
+    filters and sorts them (undeclared attributes are stored but not shown there)."""
+    schema = dataset.get_field_schema(flat=True)
+    for name in ATTRIBUTES:
+        path = f"{field}.detections.{name}"
+        if path not in schema:
+            kind = fo.StringField if name in _TEXT_REASONS else fo.FloatField
+            dataset.add_sample_field(path, kind)
+
+
+_TEXT_REASONS = ("runner_up", "nearest_reference")
 
 
 def instances_to_detections(instances: Instances, seed: str | None = None) -> fo.Detections:
@@ -162,13 +185,21 @@ def instances_to_detections(instances: Instances, seed: str | None = None) -> fo
     the same proposal keeps its id, and with it its tags, when a sample is scored again.
     """
     ids = prediction_ids(seed, instances.rles) if seed is not None else [None] * len(instances)
+    reasons = instance_reasons(instances)
     detections = [
-        instance_to_detection(rle, name, float(score), label_id)
-        for rle, name, score, label_id in zip(
-            instances.rles, instances.label_names, instances.scores, ids
+        instance_to_detection(rle, name, float(score), label_id, why)
+        for rle, name, score, label_id, why in zip(
+            instances.rles, instances.label_names, instances.scores, ids, reasons
         )
     ]
     return fo.Detections(detections=detections)
+
+
+def instance_reasons(instances: Instances) -> list[dict[str, Any]]:
+    """Each instance's label attributes saying why it was predicted (none where not computed)."""
+    if instances.explanation is None:
+        return [{}] * len(instances)
+    return instances.explanation.rows()
 
 
 def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
@@ -187,16 +218,29 @@ def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
 @dataclass
 class ScoreEdit:
     """A re-scored sample whose predictions keep their masks: by label id, the labels and the
-    confidences that changed, and the ids of the predictions that are gone."""
+    confidences that changed and the reasons to write, and the ids of the predictions gone."""
 
     labels: dict[str, str]
     confidences: dict[str, float]
     removed: list[str]
+    reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """By label id, the reasons' attributes (``ntt_core.explain``) to write."""
+
+    def changes(self) -> dict[str, dict[str, Any]]:
+        """By label id, every attribute to set: label, confidence and reasons."""
+        changes: dict[str, dict[str, Any]] = {}
+        for label_id, reasons in self.reasons.items():
+            changes.setdefault(label_id, {}).update(reasons)
+        for label_id, label in self.labels.items():
+            changes.setdefault(label_id, {})["label"] = label
+        for label_id, confidence in self.confidences.items():
+            changes.setdefault(label_id, {})["confidence"] = confidence
+        return changes
 
 
 class FieldWriter:
     """Buffers per-sample values of one field and writes them with one ``set_values`` per batch;
-    ``ScoreEdit``s update only the changed labels and confidences, masks untouched.
+    ``ScoreEdit``s update only the changed labels, confidences and reasons, masks untouched.
 
     Saving sample by sample costs a database round trip each; a batch costs one. Rewriting a
     sample re-encodes all its masks, which is most of a re-score's time when only scores moved.
@@ -233,15 +277,24 @@ class FieldWriter:
             self._edits = {}
 
     def _apply_edits(self) -> None:
-        path = f"{self.field}.detections"
-        for attribute, label_attribute in (("labels", "label"), ("confidences", "confidence")):
-            values = [
-                {"sample_id": sample_id, "label_id": label_id, "value": value}
-                for sample_id, edit in self._edits.items()
-                for label_id, value in getattr(edit, attribute).items()
-            ]
-            if values:
-                self.dataset.set_label_values(f"{path}.{label_attribute}", values)
+        """One update per edited prediction, setting its label, confidence and reasons at once:
+        ``set_label_values`` would make one pass over the predictions per attribute."""
+        path = f"{self.field}.detections.$[label]"
+        now = datetime.now(timezone.utc).replace(tzinfo=None)  # as FiftyOne stores it
+        updates, sample_ids = [], []
+        for sample_id, edit in self._edits.items():
+            for label_id, values in edit.changes().items():
+                changes = {f"{path}.{name}": value for name, value in values.items()}
+                updates.append(
+                    UpdateOne(
+                        {"_id": ObjectId(sample_id)},
+                        {"$set": {**changes, "last_modified_at": now}},
+                        array_filters=[{"label._id": ObjectId(label_id)}],
+                    )
+                )
+                sample_ids.append(sample_id)
+        if updates:
+            self.dataset._bulk_write(updates, ids=sample_ids)
         removed = [label_id for edit in self._edits.values() for label_id in edit.removed]
         if removed:
             self.dataset.delete_labels(ids=removed, fields=self.field)

@@ -39,6 +39,7 @@ from .common import (
 )
 from .evaluate import (
     check_evaluation,
+    check_ground_truth,
     class_report,
     evaluate,
     fields_without_masks,
@@ -65,6 +66,7 @@ __all__ = [
     "PluginInputError",
     "build_memory_bank",
     "check_evaluation",
+    "check_ground_truth",
     "check_new_bank_name",
     "check_output_field",
     "check_references",

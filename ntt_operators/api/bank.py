@@ -41,6 +41,7 @@ from .common import (
     root_dataset,
     source_samples,
 )
+from .explain import reference_blame
 from .references import reference_view
 
 FieldOrFields = str | list[str]
@@ -698,6 +699,8 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
 
     Quality is a reference's similarity to the other references of its class (in [0, 1]); the
     lowest one per class is named, since it is the first to check for a wrong or odd reference.
+    ``blame`` says, per reference and field segmented with the bank, how many predictions it is
+    the nearest reference of, and how many of those are false positives (``reference_blame``).
     """
     bank = load_memory_bank(dataset, bank_name)
     recorded = memory_bank_config(dataset, bank_name)
@@ -740,4 +743,5 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
         "ntt_config": recorded["ntt_config"],
         "created": str(dataset.get_run_info(bank_name).timestamp),
         "quality": per_class,
+        "blame": reference_blame(dataset, bank_name, bank),
     }

@@ -19,7 +19,14 @@ from ntt_core.models import encoder_identity
 from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
 from .. import locks
-from ..labels import FieldWriter, ScoreEdit, instances_to_detections, prediction_ids
+from ..labels import (
+    FieldWriter,
+    ScoreEdit,
+    declare_reasons,
+    instance_reasons,
+    instances_to_detections,
+    prediction_ids,
+)
 from ..messages import sentence
 from ..proposal_cache import Prefetched, ProposalCache
 from .bank import load_memory_bank, memory_bank_config
@@ -206,6 +213,7 @@ def iter_segment(
                 dataset.add_sample_field(
                     label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
                 )
+            declare_reasons(dataset, label_field)
             for k, (sample_id, result, error) in enumerate(results):
                 if error is not None:
                     failed[sample_id] = error
@@ -291,7 +299,12 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 Previous = dict[str, tuple[list, dict[str, list[str]]]]
-"""sample id -> ((id, label, confidence) per prediction, label id -> tags)."""
+"""sample id -> ((id, label, confidence, compared reasons) per prediction, label id -> tags)."""
+COMPARED_REASONS = ("margin",)
+"""The reasons compared with what the field holds (``margin``); each one read costs a column.
+The others move only with the confidence (they are similarities to the prediction's own
+class), except ``nearest_negative_similarity`` where a negative is no nearer than the class
+prototype: then it has no effect on the prediction and may keep its old value (README)."""
 
 
 def _previous_predictions(collection: Collection, label_field: str) -> Previous:
@@ -299,11 +312,16 @@ def _previous_predictions(collection: Collection, label_field: str) -> Previous:
     path = f"{label_field}.detections"
     columns = collection.values(
         ["id", f"{path}.id", f"{path}.label", f"{path}.confidence", f"{path}.tags"]
+        + [f"{path}.{name}" for name in COMPARED_REASONS]
     )
     previous = {}
-    for sample_id, ids, labels, confidences, tags in zip(*columns):
+    for sample_id, ids, labels, confidences, tags, *reasons in zip(*columns):
         ids, labels, confidences, tags = (v or [] for v in (ids, labels, confidences, tags))
-        rows = list(zip(ids, labels, confidences))
+        reasons = [v or [None] * len(ids) for v in reasons]
+        rows = [
+            (*row, tuple(v[k] for v in reasons))
+            for k, row in enumerate(zip(ids, labels, confidences))
+        ]
         previous[sample_id] = (rows, {i: t for i, t in zip(ids, tags) if t})
     return previous
 
@@ -320,15 +338,18 @@ def _detections(
         return instances_to_detections(result, seed=seed)
     rows, tags = previous.get(sample_id, ([], {}))
     ids = [str(i) for i in prediction_ids(seed, result.rles)]
-    new = dict(zip(ids, zip(result.label_names, map(float, result.scores))))
-    old = {label_id: (label, confidence) for label_id, label, confidence in rows}
+    reasons = dict(zip(ids, instance_reasons(result)))
+    compared = [tuple(why.get(name) for name in COMPARED_REASONS) for why in reasons.values()]
+    new = dict(zip(ids, zip(result.label_names, map(float, result.scores), compared)))
+    old = {label_id: (label, confidence, why) for label_id, label, confidence, why in rows}
     if new == old:
         return None
     if new.keys() <= old.keys():
         return ScoreEdit(
-            labels={i: label for i, (label, _) in new.items() if label != old[i][0]},
-            confidences={i: score for i, (_, score) in new.items() if score != old[i][1]},
+            labels={i: label for i, (label, _, _) in new.items() if label != old[i][0]},
+            confidences={i: score for i, (_, score, _) in new.items() if score != old[i][1]},
             removed=[i for i in old if i not in new],
+            reasons={i: why for i, why in reasons.items() if why},
         )
     detections = instances_to_detections(result, seed=seed)
     for detection in detections.detections:
