@@ -1,4 +1,4 @@
-"""FiftyOne plugin entry: registers the operators (the code lives in ``ntt_operators``).
+"""FiftyOne plugin entry: registers the operators and the panel (code in ``ntt_operators``).
 
 ``ntt_operators`` is imported by its absolute name (``pip install -e .`` installs it), so the
 App, notebooks, tests and worker processes all share one copy of the code.
@@ -19,6 +19,7 @@ from ntt_operators.bank import (  # noqa: E402
     UpdateMemoryBank,
 )
 from ntt_operators.evaluate import EvaluateSegmentations, LoadEvaluationPatches  # noqa: E402
+from ntt_operators.panel import NoTimeToTrainPanel  # noqa: E402
 from ntt_operators.references import SampleReferences  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
@@ -32,6 +33,7 @@ OPERATORS = (
     ClearProposalCache,
     EvaluateSegmentations,
     LoadEvaluationPatches,
+    NoTimeToTrainPanel,
 )
 
 
