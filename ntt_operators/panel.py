@@ -13,23 +13,27 @@ from typing import Any
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+from fiftyone import ViewField as F
 
 from ntt_core import NTTConfig
 
 from . import api, messages
 from .api import loop
-from .bank import PRESETS
 from .evaluate import evaluation_patches
 from .proposal_cache import cached_proposal_count
 
 PANEL_NAME = "no_time_to_train"
+MODELS = {
+    "paper": ("Paper: SAM2 hiera-large + DINOv2 ViT-L/14", lambda: NTTConfig()),
+    "tiny": ("Tiny: SAM2.1 hiera-tiny + ViT-S/14", lambda: NTTConfig.tiny()),
+    "tiny_random": ("Tiny, random weights (tests only)", lambda: NTTConfig.tiny(weights="random")),
+}
+"""The models a first round builds the bank with (later rounds use the bank's)."""
 DEFAULTS = {
     "bank": "ntt_bank",
     "predictions": "ntt_predictions",
     "new_field": "boxes",
-    "preset": "paper",
-    "weights": "official",
-    "device": "auto",
+    "models": "paper",
     "shots": 1,
 }
 
@@ -60,6 +64,9 @@ class NoTimeToTrainPanel(foo.Panel):
     def on_change_selected_labels(self, ctx: foo.ExecutionContext) -> None:
         pass  # the render after each event counts the selection
 
+    def on_change_selected(self, ctx: foo.ExecutionContext) -> None:
+        pass
+
     def on_change_dataset(self, ctx: foo.ExecutionContext) -> None:
         ctx.panel.state.clear()
         self.on_load(ctx)
@@ -88,15 +95,25 @@ class NoTimeToTrainPanel(foo.Panel):
         self._mark(ctx, None)
 
     def _mark(self, ctx: foo.ExecutionContext, role: str | None) -> None:
-        fields = self._named_fields(ctx)
-        marked = self._attempt(
-            ctx, lambda: loop.mark_labels(ctx.dataset, ctx.selected_labels, fields, role)
-        )
+        marked = self._attempt(ctx, lambda: self._mark_selection(ctx, role))
         if marked is not None:
             what = {None: "cleared", loop.REFERENCE: "references", loop.NEGATIVE: "negatives"}
             ctx.panel.state.set("notice", f"{marked} label(s) marked: {what[role]}")
             ctx.ops.clear_selected_labels()
+            ctx.ops.clear_selected_samples()
             ctx.ops.reload_samples()
+
+    def _mark_selection(self, ctx: foo.ExecutionContext, role: str | None) -> int:
+        """The selected labels of the named fields; with no label selected, every label of the
+        reference field in the selected samples (never a negative: pick those one by one)."""
+        fields = self._named_fields(ctx)
+        if any(s.get("field") in fields for s in ctx.selected_labels) or not ctx.selected:
+            return loop.mark_labels(ctx.dataset, ctx.selected_labels, fields, role)
+        if role == loop.NEGATIVE:
+            raise api.PluginInputError(
+                "Select the labels to mark negative (click them in the sample), not samples"
+            )
+        return loop.mark_samples(ctx.dataset, ctx.selected, self._reference_field(ctx), role)
 
     def run_round(self, ctx: foo.ExecutionContext) -> None:
         record = self._attempt(
@@ -164,28 +181,29 @@ class NoTimeToTrainPanel(foo.Panel):
         return [f for f in (self._reference_field(ctx), state(ctx, "predictions")) if f]
 
     def _ground_truth(self, ctx: foo.ExecutionContext) -> str | None:
-        """The reference field, when it labels samples beyond the references (ground truth to
-        evaluate against); None for boxes drawn as references only."""
+        """The reference field when it labels at least half of the samples (ground truth to
+        sample references from and evaluate against); None for a few boxes drawn by hand."""
         field = self._reference_field(ctx)
-        rest = ctx.dataset.match_labels(tags=loop.REFERENCE, bool=False)
-        return field if field and rest.count(f"{field}.detections") else None
+        if field is None:
+            return None
+        labelled = len(ctx.dataset.match(F(f"{field}.detections").length() > 0))
+        return field if labelled and 2 * labelled >= len(ctx.dataset) else None
 
     def _config(self, ctx: foo.ExecutionContext) -> NTTConfig:
-        changes = {"weights": state(ctx, "weights"), "device": state(ctx, "device")}
-        return PRESETS[state(ctx, "preset")](**changes)
+        return MODELS[state(ctx, "models")][1]()
 
     # -- render -------------------------------------------------------------------------------
 
     def render(self, ctx: foo.ExecutionContext) -> types.Property:
         panel = types.Object()
-        panel.md("## No Time to Train", name="title")
         if self._reference_field(ctx) is None:
             self._render_start(ctx, panel)
         else:
             self._render_loop(ctx, panel)
+        # A property's name is also a state key: these names differ from the state's keys.
         for key, view in (("error", types.Error), ("notice", types.Notice)):
             if ctx.panel.state.get(key):
-                panel.view(key, view(label=ctx.panel.state.get(key)))
+                panel.view(f"{key}_message", view(label=ctx.panel.state.get(key)))
         return types.Property(panel, view=types.GridView(orientation="vertical"))
 
     def _render_start(self, ctx: foo.ExecutionContext, panel: types.Object) -> None:
@@ -205,7 +223,7 @@ class NoTimeToTrainPanel(foo.Panel):
         field = self._reference_field(ctx)
         predictions = state(ctx, "predictions")
         bank = state(ctx, "bank")
-        if ctx.panel.state.get("created") == field:
+        if ctx.panel.state.get("created") == field and bank not in api.list_memory_banks(dataset):
             panel.md(_NEXT_AFTER_CREATE.format(field=field), name="next_steps")
         panel.md(self._where_it_stands(ctx, field, bank, predictions), name="status")
         panel.md(_class_table(loop.tagged_per_class(dataset, [field, predictions])), name="classes")
@@ -221,7 +239,11 @@ class NoTimeToTrainPanel(foo.Panel):
 
         selected = [s for s in ctx.selected_labels if s.get("field") in self._named_fields(ctx)]
         fields = " and ".join(f"'{f}'" for f in self._named_fields(ctx))
-        panel.md(f"**Selection:** {len(selected)} label(s) selected in {fields}", name="selection")
+        samples = f", {len(ctx.selected)} sample(s)" if ctx.selected and not selected else ""
+        panel.md(
+            f"**Selection:** {len(selected)} label(s) selected in {fields}{samples}",
+            name="selection",
+        )
         marks = panel.h_stack("marks", align_x="left")
         marks.btn(
             "mark_reference", label="Reference", on_click=self.mark_reference, variant="contained"
@@ -248,7 +270,7 @@ class NoTimeToTrainPanel(foo.Panel):
         last = ctx.panel.state.get("last_round")
         history = loop.round_history(dataset, predictions)
         if last or history:
-            panel.md(_round_summary(last or history[-1]), name="last_round")
+            panel.md(_round_summary(last or history[-1]), name="round_summary")
             panel.md(_history_table(history), name="history")
             after = panel.h_stack("after", align_x="left")
             after.btn("review", label="Review", on_click=self.review, variant="contained")
@@ -256,14 +278,12 @@ class NoTimeToTrainPanel(foo.Panel):
                 after.btn("show_evaluation", label="Evaluate", on_click=self.show_evaluation)
 
     def _render_models(self, panel: types.Object) -> None:
-        presets = types.RadioGroup(orientation="horizontal")
-        presets.add_choice("paper", label="Paper models")
-        presets.add_choice("tiny", label="Tiny models")
-        panel.enum("preset", presets.values(), default="paper", label="Models", view=presets)
-        weights = types.RadioGroup(orientation="horizontal")
-        weights.add_choice("official", label="Official weights")
-        weights.add_choice("random", label="Random weights (tests only)")
-        panel.enum("weights", weights.values(), default="official", label="Weights", view=weights)
+        choices = types.RadioGroup()
+        for key, (label, _) in MODELS.items():
+            choices.add_choice(key, label=label)
+        panel.enum(
+            "models", choices.values(), default=DEFAULTS["models"], label="Models", view=choices
+        )
 
     def _attempt_plan(self, ctx: foo.ExecutionContext, bank: str, predictions: str) -> dict | None:
         try:
@@ -302,10 +322,10 @@ class NoTimeToTrainPanel(foo.Panel):
 
 
 _NEXT_AFTER_CREATE = (
-    "**Next:** field `{field}` is ready for the Annotate tab's box tool. Reload the page once "
-    "(the Annotate tab reads new fields at load), open a sample, *Annotate*, pick the box tool "
-    "and draw a few boxes. Then click the boxes in the sample (Explore tab) and press "
-    "*Reference* here, then *Run round*."
+    "**Next:** field `{field}` is ready for the box tool (no reload needed). Open a sample, "
+    "*Annotate* tab, pick the box tool and drag a box around each object. Then, in the *Explore* "
+    "tab, click the boxes to select them, click outside the sample to close it (Escape would "
+    "clear the selection) and press *Reference* here. Then *Run round*."
 )
 _LARGE = (
     "{n} samples have no cached proposals: this round loads the models and may take long. "

@@ -41,12 +41,15 @@ class PanelSession:
         self.state: dict = {}
         self.ops: list[str] = []
 
-    def call(self, method: str, selected_labels: list[dict] | None = None) -> str:
+    def call(
+        self, method: str, selected_labels: list[dict] | None = None, selected: list[str] = ()
+    ) -> str:
         """Runs the handler, then renders; returns the rendered text."""
         ctx = ExecutionContext(
             request_params={
                 "dataset_name": self.dataset.name,
                 "selected_labels": selected_labels or [],
+                "selected": list(selected),
                 "params": {"panel_id": "panel", "panel_state": self.state},
             },
             executor=Executor(),
@@ -105,7 +108,7 @@ def test_a_dataset_without_a_detections_field_gets_one_ready_for_the_box_tool(un
     unlabelled.reload()
     schema = unlabelled.label_schemas["boxes"]
     assert schema["classes"] == ["disc", "square"] and "boxes" in unlabelled.active_label_schemas
-    assert "field `boxes` is ready for the Annotate tab's box tool" in text
+    assert "field `boxes` is ready for the box tool (no reload needed)" in text
     assert "reload_dataset" in " ".join(session.ops)
 
 
@@ -136,10 +139,23 @@ def test_marks_act_on_the_selection_in_the_named_fields_only(unlabelled, scene_f
     assert tags_of(unlabelled, "boxes")[selection[0]["label_id"]] == []
 
 
+def test_reference_on_selected_samples_marks_the_boxes_drawn_in_them(unlabelled, scene_files):
+    selection = draw_squares(unlabelled, scene_files, "boxes")
+    first_sample = selection[0]["sample_id"]
+    session = PanelSession(unlabelled)
+    session.set(reference_field="boxes")
+    text = session.call("mark_negative", selected=[first_sample])
+    assert "Select the labels to mark negative" in text
+    session.call("mark_reference", selected=[first_sample])
+    tags = tags_of(unlabelled, "boxes")
+    marked = {s["label_id"] for s in selection if s["sample_id"] == first_sample}
+    assert {i for i, t in tags.items() if t == ["reference"]} == marked
+
+
 def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_files):
     selection = draw_squares(unlabelled, scene_files, "boxes")
     session = PanelSession(unlabelled)
-    session.set(reference_field="boxes", preset="tiny", weights="random", device="cpu")
+    session.set(reference_field="boxes", models="tiny_random")
     session.call("mark_reference", selection)
     text = session.call("run_round")
     assert "Round 1 done" in text, text
@@ -179,7 +195,7 @@ def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_file
 def test_a_failed_round_is_one_sentence_in_the_panel(unlabelled, scene_files):
     draw_squares(unlabelled, scene_files, "boxes")  # drawn but never marked as references
     session = PanelSession(unlabelled)
-    session.set(reference_field="boxes", preset="tiny", weights="random", device="cpu")
+    session.set(reference_field="boxes", models="tiny_random")
     text = session.call("run_round")
     assert "No reference found" in text
     assert "Traceback" not in text

@@ -78,6 +78,19 @@ def mark_labels(
     return len(labels)
 
 
+def mark_samples(dataset: fo.Dataset, sample_ids: list[str], field: str, role: str | None) -> int:
+    """``mark_labels`` for every label of ``field`` in the samples ``sample_ids`` (the boxes a
+    curator drew in them, say). Returns how many labels were marked."""
+    samples = dataset.select(sample_ids)
+    ids, labels = samples.values(["id", f"{field}.detections.id"])
+    selection = [
+        {"label_id": label_id, "sample_id": sample_id, "field": field}
+        for sample_id, label_ids in zip(ids, labels)
+        for label_id in label_ids or []
+    ]
+    return mark_labels(dataset, selection, [field], role)
+
+
 def tagged_per_class(dataset: fo.Dataset, ref_fields: list[str]) -> list[dict[str, Any]]:
     """Per class, the labels tagged as references (in ``ref_fields``) and as negatives (in any
     ``fo.Detections`` field) now, whether or not a bank holds them yet."""
