@@ -251,3 +251,16 @@ def cached_feature(dataset: fo.Dataset, sample_id: str, label_id: str) -> torch.
     rles = [json_ready_rle(rle) for rle in proposals.rles]
     ids = [str(i) for i in prediction_ids(f"{PREDICTIONS}:{sample_id}", rles)]
     return proposals.features[ids.index(label_id)]
+
+
+def test_segment_defaults_to_execute_unless_many_targets_need_the_models(unlabelled, monkeypatch):
+    from fiftyone.operators.registry import OperatorRegistry
+
+    operator = OperatorRegistry().get_operator("@ntt/no_time_to_train/segment_with_references")
+    ctx = ExecutionContext(
+        request_params={"dataset_name": unlabelled.name, "params": {"bank_name": "bank"}}
+    )
+    assert not operator.resolve_execution_options(ctx).default_choice_to_delegated
+    monkeypatch.setattr(loop, "LARGE_ROUND", len(unlabelled) - 1)
+    options = operator.resolve_execution_options(ctx)
+    assert options.default_choice_to_delegated and options.allow_immediate_execution

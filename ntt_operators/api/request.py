@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from ntt_core import NTTConfig
 
-from .common import Collection, Progress, Steps, drive_steps
+from .common import Collection, PluginInputError, Progress, Steps, drive_steps
 from .segment import iter_segment
 
 
@@ -29,6 +29,20 @@ class SegmentMode(enum.Enum):
     """Segment only the targets the field does not hold yet (an interrupted run)."""
     RESCORE = "rescore"
     """Update the plugin's field in place: predictions keep their ids and tags."""
+
+    @classmethod
+    def from_flags(
+        cls, overwrite: bool = False, skip_done: bool = False, rescore: bool = False
+    ) -> SegmentMode:
+        """The mode that ``segment()``'s flags name (forms and the CLI have one tick each);
+        refuses more than one."""
+        named = [cls.REPLACE] * overwrite + [cls.CONTINUE] * skip_done + [cls.RESCORE] * rescore
+        if len(named) > 1:
+            raise PluginInputError(
+                "overwrite=True starts the field afresh, skip_done=True continues it and "
+                "rescore=True updates it in place: choose one"
+            )
+        return named[0] if named else cls.NEW
 
 
 @dataclass(frozen=True)
