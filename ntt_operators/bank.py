@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from ntt_core import NTTConfig
-from ntt_core.registry import CHECKPOINTS
+from ntt_core import NTTConfig, NTTError
+from ntt_core.registry import CHECKPOINTS, resolve_checkpoint
 
 from . import api, forms
 
@@ -64,12 +65,8 @@ class BuildMemoryBank(foo.Operator):
         inputs.view_target(ctx, action_description="Take references from")
         if not api.detection_fields(ctx.dataset):
             # A dataset with no labels yet: say how to draw the first references in the App.
-            inputs.view(
-                "no_field",
-                types.Warning(
-                    label="No label field to take references from yet",
-                    description=api.NO_FIELD_ROUTE,
-                ),
+            forms.blocking_notice(
+                inputs, "no_field", "No label field to take references from yet", api.NO_FIELD_ROUTE
             )
             return types.Property(inputs, view=types.View(label="Build memory bank"))
         gt_field = forms.detections_field(
@@ -123,6 +120,7 @@ class BuildMemoryBank(foo.Operator):
                     forms.param(ctx, DEFAULTS, "ref_tag"),
                     forms.param(ctx, DEFAULTS, "tag_type"),
                     forms.param(ctx, DEFAULTS, "classes"),
+                    forms.param(ctx, DEFAULTS, "negative_tag") or None,
                 )
             )
             if problem:
@@ -145,7 +143,7 @@ class BuildMemoryBank(foo.Operator):
                 WORDS,
             ),
         )
-        model_inputs(inputs)
+        model_inputs(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Build memory bank"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
@@ -182,7 +180,7 @@ def reference_fields(ctx: foo.ExecutionContext) -> list[str]:
     return fields
 
 
-def model_inputs(inputs: types.Object) -> None:
+def model_inputs(ctx: foo.ExecutionContext, inputs: types.Object) -> None:
     """Models and weights: a preset, optionally with other checkpoints (names or local paths)."""
     inputs.view("models_header", types.Header(label="Models", divider=True))
     presets = types.RadioGroup()
@@ -201,24 +199,27 @@ def model_inputs(inputs: types.Object) -> None:
         for name, checkpoint in CHECKPOINTS.items():
             if checkpoint.kind == kind:
                 names.add_choice(name, label=name)
-        inputs.str(
+        prop = inputs.str(
             key,
             default=DEFAULTS[key],
             label=label,
             description="A registry name or a local checkpoint path; empty: the preset's",
             view=names,
         )
+        chosen = forms.param(ctx, DEFAULTS, key)
+        if chosen and chosen not in CHECKPOINTS:
+            # A local path must exist now; a registry name is fetched when the run needs it.
+            forms.mark_invalid(
+                prop, forms.refusal(lambda path=chosen: resolve_checkpoint(path, download=False))
+            )
     weights = types.RadioGroup()
     weights.add_choice("official", label="Official")
     weights.add_choice("random", label="Random (tests only)")
     inputs.enum(
         "weights", weights.values(), default=DEFAULTS["weights"], label="Weights", view=weights
     )
-    inputs.str(
-        "device",
-        default=DEFAULTS["device"],
-        label="Device",
-        description="auto, cpu, cuda or cuda:N",
+    forms.device_choice(
+        ctx, inputs, DEFAULTS["device"], "auto, cpu, cuda or cuda:N, among this machine's"
     )
 
 
@@ -275,13 +276,12 @@ class UpdateMemoryBank(foo.Operator):
         bank_name = forms.memory_bank(ctx, inputs)
         if bank_name:
             sources = api.memory_bank_info(ctx.dataset, bank_name)
-            ref_fields = sources["ref_fields"]
-            predicted = [f for f in api.segmented_fields(ctx.dataset) if f not in ref_fields]
+            # No default: a field joins the bank only when the curator picks it.
             _accepted_fields_choice(
                 ctx,
                 inputs,
-                ref_fields,
-                predicted,
+                sources["ref_fields"],
+                [],
                 "Predictions tagged with the reference tag in these fields join the bank with "
                 "their predicted mask (recorded: later updates read them too)",
             )
@@ -293,6 +293,7 @@ class UpdateMemoryBank(foo.Operator):
                     f"{sources['negative_tag']!r} in any field, over the whole dataset"
                 ),
             )
+            _preview(ctx, inputs, bank_name)
         return types.Property(inputs, view=types.View(label="Update memory bank"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
@@ -310,6 +311,47 @@ class UpdateMemoryBank(foo.Operator):
 
 
 UPDATE_DEFAULTS = {"accepted_fields": None}
+
+
+def _preview(ctx: foo.ExecutionContext, inputs: types.Object, bank_name: str) -> None:
+    """What Execute will change, per field and class, so a tag in an unexpected field is seen
+    before it counts; an update the API would refuse disables Execute."""
+    add_fields = forms.param(ctx, UPDATE_DEFAULTS, "accepted_fields") or None
+    try:
+        pending = api.pending_changes(ctx.dataset, bank_name, add_fields)
+    except NTTError as error:
+        forms.blocking_notice(inputs, "refused", "This update cannot run", str(error))
+        return
+    text = preview_markdown(pending)
+    # The App keeps a property's first value: a name per content shows the preview afresh.
+    inputs.md(text, name=f"preview_{hashlib.sha1(text.encode()).hexdigest()[:12]}")
+
+
+def preview_markdown(pending: dict[str, Any]) -> str:
+    """The pending changes as the Update form shows them."""
+    if pending["nothing_changed"]:
+        text = "**Nothing changed** since the last update: Execute leaves the bank as it is."
+    else:
+        rows = [
+            f"| {row['field'] or '(label deleted)'} | {row['class']} | {row['role']} | "
+            f"{'+' if row['change'] == 'added' else '-'}{row['count']} |"
+            for row in pending["rows"]
+        ]
+        fields = "".join(
+            f"\n\nReferences will be read from {f!r} from now on." for f in pending["fields_added"]
+        )
+        text = (
+            f"**Execute will change** ({pending['references_added']} reference(s) and "
+            f"{pending['negatives_added']} negative(s) added, {pending['removed']} removed):\n\n"
+            "| Field | Class | Role | Change |\n|---|---|---|---|\n" + "\n".join(rows) + fields
+        )
+    ignored = ", ".join(f"{n} in {f!r}" for f, n in pending.get("ignored", {}).items())
+    if ignored:
+        text += (
+            f"\n\nIgnored: labels tagged as references in fields this bank does not read "
+            f"({ignored}); add the field above to take them"
+        )
+    return text
 
 
 def _accepted_fields_choice(
@@ -341,12 +383,18 @@ def _update_rows(steps: Iterator) -> Iterator:
     summary = yield from steps
     for key in ("added", "removed", "re_encoded", "kept_vanished"):
         summary[key] = len(summary[key])
+    summary["outcome"] = (
+        "Nothing changed since the last update: the bank and its record are as they were"
+        if summary.pop("nothing_changed")
+        else f"{summary['added']} entries added, {summary['removed']} removed"
+    )
     return summary
 
 
 def update_outputs() -> types.Property:
     outputs = forms.titled_outputs("Memory bank updated")
     outputs.str("bank_name", label="Memory bank")
+    outputs.str("outcome", label="Outcome")
     outputs.int("added", label="Entries added")
     outputs.int("removed", label="Entries removed (untagged)")
     outputs.int("re_encoded", label="Entries re-encoded (class changed)")

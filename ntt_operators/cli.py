@@ -61,9 +61,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NTTError, ValueError) as error:
         print(f"ntt: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except Exception as error:
+        if not _database_unreachable(error):
+            raise
+        detail = " ".join(str(error).split()) or type(error).__name__
+        print(f"ntt: error: {DATABASE_UNREACHABLE} ({detail})", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("ntt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+DATABASE_UNREACHABLE = (
+    "FiftyOne's database (MongoDB) cannot be reached: run MongoDB 6.0 or later and "
+    "`export FIFTYONE_DATABASE_URI=mongodb://HOST:27017`, or install a mongod that runs here "
+    "(README, Installing)"
+)
+
+
+def _database_unreachable(error: Exception) -> bool:
+    """Whether FiftyOne failed to start or reach its database (no mongod, a dead URI)."""
+    if "fiftyone" not in sys.modules:
+        return False
+    from fiftyone.core.config import FiftyOneConfigError
+    from fiftyone.core.service import ServiceException
+
+    return isinstance(error, (FiftyOneConfigError, ServiceException, ConnectionError))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -577,14 +600,15 @@ def _app(args: argparse.Namespace) -> int:
 
     dataset = _load_dataset(args.dataset)
     port = args.port or fo.config.default_app_port
-    address = args.address or fo.config.default_app_address
+    # Given to FiftyOne always: without one, it binds every interface when it thinks it runs
+    # in a container, serving the dataset to the network unasked.
+    address = args.address or fo.config.default_app_address or "localhost"
     if _port_in_use(address, port):
         # FiftyOne would attach to a server already there, which may not allow scheduling.
         raise ValueError(f"port {port} is already in use (another App?); pass --port N")
-    session = fo.launch_app(dataset, port=port, address=args.address, remote=True)
-    host = socket.gethostname() if address in ("0.0.0.0", "::") else address
+    session = fo.launch_app(dataset, port=port, address=address, remote=True)
     print(
-        f"\nThe FiftyOne App serves dataset {dataset.name!r} at http://{host}:{port}/\n"
+        f"\nThe FiftyOne App serves dataset {dataset.name!r} at {_served_at(address, port)}\n"
         "Scheduling is on: in a form, Execute > Schedule queues the run. Run the queue from "
         "another shell\n(same environment) with\n\n    fiftyone delegated launch\n\n"
         "and follow scheduled runs with `fiftyone delegated list` and "
@@ -597,6 +621,17 @@ def _app(args: argparse.Namespace) -> int:
         session.close()
     print("App stopped.")
     return 0
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _served_at(address: str, port: int) -> str:
+    """Where the App listens, as the user should read it."""
+    if address in ("0.0.0.0", "::"):
+        return f"http://{socket.gethostname()}:{port}/ (every network interface of this machine)"
+    reach = " (only from this machine)" if address in LOOPBACK else ""
+    return f"http://{address}:{port}/{reach}"
 
 
 def _port_in_use(address: str, port: int) -> bool:

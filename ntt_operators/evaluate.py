@@ -185,8 +185,9 @@ class LoadEvaluationPatches(foo.Operator):
         inputs = types.Object()
         keys = ctx.dataset.list_evaluations()
         if not keys:
-            notice = inputs.view("none", types.Warning(label="No evaluation yet: evaluate first"))
-            notice.invalid = True
+            forms.blocking_notice(
+                inputs, "none", "No evaluation yet", "run 'Evaluate segmentations' first"
+            )
             return types.Property(inputs, view=types.View(label="Load evaluation patches"))
         choices = types.DropdownView()
         for key in keys:
@@ -224,5 +225,5 @@ class LoadEvaluationPatches(foo.Operator):
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property | None:
         # Success shows the patches in the grid; only a failure needs a dialog.
         if isinstance(ctx.results, dict) and "error" in ctx.results:
-            return forms.failure_outputs("Load evaluation patches")
+            return forms.failure_outputs("Load evaluation patches", ctx.results["error"])
         return None

@@ -13,9 +13,11 @@ import fiftyone as fo
 import fiftyone.core.stages as fos
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+import torch
 from fiftyone.operators.executor import ExecutionOptions
 
 from ntt_core import NTTError
+from ntt_core.models import resolve_device
 
 from . import api, messages
 from .messages import Words
@@ -59,11 +61,9 @@ def detections_field(
     """
     fields = api.detection_fields(ctx.dataset)
     if not fields:
-        notice = inputs.view(
-            f"no_{name}",
-            types.Warning(label="This dataset has no fo.Detections field", description=description),
+        blocking_notice(
+            inputs, f"no_{name}", "This dataset has no fo.Detections field", description
         )
-        notice.invalid = True
         return None
     default = next((field for field in preferred if field in fields), fields[0])
     choices = types.DropdownView()
@@ -91,14 +91,12 @@ def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:
     """
     banks = api.list_memory_banks(ctx.dataset)
     if not banks:
-        notice = inputs.view(
+        blocking_notice(
+            inputs,
             "no_bank",
-            types.Warning(
-                label="No memory bank yet",
-                description="Tag references and run 'Build memory bank' first",
-            ),
+            "No memory bank yet",
+            "Tag references and run 'Build memory bank' first",
         )
-        notice.invalid = True
         return None
     chosen = ctx.params.get("bank_name") or banks[-1]
     choices = types.DropdownView()
@@ -116,6 +114,35 @@ def memory_bank(ctx: foo.ExecutionContext, inputs: types.Object) -> str | None:
     )
     mark_invalid(prop, refusal(lambda: api.require_bank(ctx.dataset, chosen)))
     return chosen if chosen in banks else None
+
+
+def device_choice(
+    ctx: foo.ExecutionContext,
+    inputs: types.Object,
+    default: str,
+    description: str,
+    fallback: str | None = None,
+) -> None:
+    """A device among those this machine has (free text allowed); a device that cannot work
+    here, or the ``fallback`` used when the field is empty, is refused on the field."""
+    choices = types.AutocompleteView()
+    for name in available_devices():
+        choices.add_choice(name, label=name)
+    prop = inputs.str(
+        "device", default=default, label="Device", description=description, view=choices
+    )
+    value = ctx.params.get("device")
+    chosen = (default if value is None else value) or fallback
+    if chosen:
+        mark_invalid(prop, refusal(lambda: resolve_device(chosen)))
+
+
+def available_devices() -> list[str]:
+    """The device names that work on this machine."""
+    cuda = (
+        [f"cuda:{k}" for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return ["auto", "cpu", *(["cuda"] if cuda else []), *cuda]
 
 
 def tag_choice(
@@ -218,7 +245,7 @@ def show_failure(
     """App messages that show a failure as one sentence: a notification and a result dialog."""
     text = messages.sentence(error, words)
     yield ctx.ops.notify(f"{title} failed: {text}", variant="error")
-    yield ctx.ops.show_output(failure_outputs(title).to_json(), {"error": text})
+    yield ctx.ops.show_output(failure_outputs(title, text).to_json(), {"error": text})
 
 
 def titled_outputs(title: str) -> types.Object:
@@ -228,9 +255,15 @@ def titled_outputs(title: str) -> types.Object:
     return outputs
 
 
-def failure_outputs(title: str) -> types.Property:
+def failure_outputs(title: str, text: str) -> types.Property:
+    """The result dialog of a failed run: the sentence that says why and what to do (the App
+    shows an Error view's label and description, not its value)."""
     outputs = titled_outputs(f"{title} failed")
-    outputs.str("error", label="What went wrong", view=types.Error(label="What went wrong"))
+    outputs.str(
+        "error",
+        label="What went wrong",
+        view=types.Error(label="What went wrong", description=text),
+    )
     return types.Property(outputs, view=types.View(label=f"{title} failed"))
 
 
@@ -260,7 +293,7 @@ def outputs_or_failure(
 ) -> types.Property:
     """``resolve_output`` of an operator run through ``reporting_failures``."""
     if isinstance(ctx.results, dict) and "error" in ctx.results:
-        return failure_outputs(title)
+        return failure_outputs(title, ctx.results["error"])
     return outputs()
 
 
@@ -274,6 +307,13 @@ def refusal(check: Callable[[], Any], words: Words | None = None) -> str | None:
     except NTTError as error:
         return messages.in_form_words(str(error), words)
     return None
+
+
+def blocking_notice(inputs: types.Object, name: str, label: str, description: str) -> None:
+    """A warning that disables Execute; a direct execution is refused with the same words."""
+    notice = inputs.view(name, types.Warning(label=label, description=description))
+    notice.invalid = True
+    notice.error_message = f"{label}: {description}"
 
 
 def mark_invalid(prop: types.Property, message: str | None) -> None:

@@ -285,6 +285,14 @@ class NoTimeToTrainPanel(foo.Panel):
             "models", choices.values(), default=DEFAULTS["models"], label="Models", view=choices
         )
 
+    def _pending(self, ctx: foo.ExecutionContext, bank: str, predictions: str) -> str:
+        """What an update would change, in words; what the update would refuse, as its sentence."""
+        try:
+            accepted = loop.accepted_fields(ctx.dataset, predictions)
+            return loop.describe_pending(api.pending_changes(ctx.dataset, bank, accepted))
+        except Exception as error:
+            return messages.sentence(error)
+
     def _attempt_plan(self, ctx: foo.ExecutionContext, bank: str, predictions: str) -> dict | None:
         try:
             return loop.plan_round(ctx.dataset, bank, predictions, self._config(ctx))
@@ -309,8 +317,7 @@ class NoTimeToTrainPanel(foo.Panel):
                 f"{info.get('num_negatives', 0)} negatives, classes {', '.join(info['classes'])}"
             )
             lines.append(f"**Models:** {cfg['sam_model']} + {info['encoder']}")
-            pending = loop.pending_changes(dataset, bank, [field, predictions])
-            lines.append(f"**Tags:** {loop.describe_pending(pending)}")
+            lines.append(f"**Tags:** {self._pending(ctx, bank, predictions)}")
         status = api.segment_status(dataset, predictions)
         if status:
             cached = cached_proposal_count(dataset)

@@ -43,7 +43,7 @@ class SampleReferences(foo.Operator):
             label="Seed",
             description="The same seed on the same samples draws the same references",
         )
-        forms.tag_choice(
+        tag = forms.tag_choice(
             ctx,
             inputs,
             "tag",
@@ -61,6 +61,21 @@ class SampleReferences(foo.Operator):
             description="Off: refuse when the tag is already on labels or samples that "
             "Sample references did not tag",
         )
+        if gt_field:
+            forms.mark_invalid(
+                tag,
+                forms.refusal(
+                    lambda: api.check_sampling(
+                        ctx.target_view(),
+                        gt_field,
+                        forms.param(ctx, DEFAULTS, "tag"),
+                        forms.param(ctx, DEFAULTS, "tag_samples"),
+                        forms.param(ctx, DEFAULTS, "tag_labels"),
+                        forms.param(ctx, DEFAULTS, "replace_tags"),
+                        forms.param(ctx, DEFAULTS, "classes"),
+                    )
+                ),
+            )
         return types.Property(inputs, view=types.View(label="Sample references"))
 
     def execute(self, ctx: foo.ExecutionContext) -> dict:

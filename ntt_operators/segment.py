@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 
 import fiftyone.operators as foo
@@ -79,7 +78,7 @@ class SegmentWithReferences(foo.Operator):
                     WORDS,
                 ),
             )
-        forms.tag_choice(
+        exclude = forms.tag_choice(
             ctx,
             inputs,
             "exclude_tag",
@@ -87,6 +86,14 @@ class SegmentWithReferences(foo.Operator):
             label="Skip samples tagged",
             description="Samples with this sample or label tag (the references) are not "
             "segmented; empty: segment every target sample",
+        )
+        forms.mark_invalid(
+            exclude,
+            forms.refusal(
+                lambda: api.segment_targets(
+                    ctx.target_view(), forms.param(ctx, DEFAULTS, "exclude_tag") or None
+                )
+            ),
         )
         inputs.bool(
             "skip_done",
@@ -121,16 +128,16 @@ class SegmentWithReferences(foo.Operator):
             ),
         )
         inputs.int("batch_size", default=DEFAULTS["batch_size"], min=1, label="Write batch size")
-        inputs.str(
-            "device",
-            default=DEFAULTS["device"],
-            label="Device",
-            description="auto, cpu, cuda or cuda:N; empty: as the bank was built",
+        models = api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"] if bank_name else {}
+        forms.device_choice(
+            ctx,
+            inputs,
+            DEFAULTS["device"],
+            "auto, cpu, cuda or cuda:N, among this machine's; empty: as the bank was built",
+            fallback=models.get("device"),
         )
         _backend_fields(ctx, inputs)
         if bank_name:
-            recorded = api.memory_bank_config(ctx.dataset, bank_name)
-            models = recorded["ntt_config"]
             inputs.view(
                 "models_notice",
                 types.Notice(
@@ -221,20 +228,25 @@ def _backend_fields(ctx: foo.ExecutionContext, inputs: types.Object) -> None:
         label="Ray",
         description="Ray Data actors (one per GPU) on a local or existing cluster",
     )
-    inputs.enum(
+    backend = inputs.enum(
         "backend",
         choices.values(),
         default=DEFAULTS["backend"],
         label="Execution backend",
         view=choices,
     )
+    forms.mark_invalid(
+        backend,
+        forms.refusal(
+            lambda: api.check_backend(
+                forms.param(ctx, DEFAULTS, "backend"),
+                forms.param(ctx, DEFAULTS, "num_actors"),
+                forms.param(ctx, DEFAULTS, "reuse_proposals"),
+            )
+        ),
+    )
     if forms.param(ctx, DEFAULTS, "backend") != "ray":
         return
-    if importlib.util.find_spec("ray") is None:
-        inputs.view(
-            "ray_missing",
-            types.Warning(label="Ray is not installed here: pip install .[ray]"),
-        )
     inputs.str(
         "ray_address",
         default=DEFAULTS["ray_address"],

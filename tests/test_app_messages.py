@@ -6,15 +6,19 @@ operator side through FiftyOne's executor, quickly.
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import fiftyone.operators as foo
+import fiftyone.operators.types as types
 import pytest
 import torch
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionError
 
-from ntt_core import NTTConfig
+from ntt_core import NTTConfig, NTTError
 from ntt_core.errors import BankError
-from ntt_operators import api, messages
+from ntt_operators import api, forms, messages
 
 PLUGIN = "@ntt/no_time_to_train"
 TINY = NTTConfig.tiny(weights="random", device="cpu")
@@ -110,11 +114,14 @@ def test_a_run_time_failure_is_one_sentence_in_the_app_and_on_the_delegated_reco
     streamed = execute("segment_with_references", banked, bank_name="bank", label_field="pred")
     names = [r.operator_uri for r in streamed.executor._requests]
     assert names[-2:] == ["notify", "show_output"]
-    assert (
-        streamed.executor._requests[-1]
-        .params["results"]["error"]
-        .startswith("Memory bank 'bank': ")
-    )
+    dialog = streamed.executor._requests[-1].params
+    assert dialog["results"]["error"].startswith("Memory bank 'bank': ")
+    # The dialog itself shows the sentence (the App renders an Error view's description, not
+    # its value), not only the notification that fades.
+    assert dialog["results"]["error"] in json.dumps(dialog["outputs"])
+    after_info = SimpleNamespace(results=shown.result)  # what resolve_output receives
+    info_dialog = forms.outputs_or_failure(after_info, "Get memory bank info", types.Object)
+    assert shown.result["error"] in json.dumps(info_dialog.to_json())
     assert not banked.has_sample_field("pred")
 
     # Scheduled: the run fails, and its record says why in the same sentence.
@@ -154,3 +161,96 @@ def test_model_loading_reports_what_it_loads(scene_dataset):
         "Loading SAM2 sam2.1_hiera_tiny (random weights)",
         "Loading DINOv2 dinov2_vits14 (random weights)",
     ]
+
+
+# -- refusals the forms know before Execute (Execute and Schedule disabled) --------------------
+
+
+def refused_in_form(name, dataset_or_view, **params) -> str:
+    """The reason FiftyOne's validation gives for refusing the form's inputs (never empty)."""
+    with pytest.raises(ExecutionError) as refused:
+        foo.execute_operator(
+            f"{PLUGIN}/{name}", ctx={"view": dataset_or_view.view(), "params": params}
+        )
+    message = str(refused.value)
+    assert "Validation error" in message, message
+    reason = message.split("Reason: ", 1)[1]
+    assert reason.strip() and reason != "None", message
+    return message
+
+
+def test_build_on_a_dataset_without_detections_is_refused_in_the_form(scene_files):
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    dataset.add_sample(fo.Sample(filepath=scene_files[0][0]))
+    try:
+        message = refused_in_form("build_memory_bank", dataset, bank_name="b")
+        assert "Path: no_field" in message and "Annotate tab" in message
+    finally:
+        dataset.delete()
+
+
+def test_segment_without_a_bank_says_why(scene_dataset):
+    message = refused_in_form("segment_with_references", scene_dataset, label_field="p")
+    assert "No memory bank yet: Tag references and run 'Build memory bank' first" in message
+
+
+def _segment(**params) -> dict:
+    return {"bank_name": "bank", "label_field": "pred", **params}
+
+
+@pytest.mark.parametrize(
+    "params, path, message",
+    [
+        (_segment(label_field="_pred"), "label_field", "Field names cannot start with '_'"),
+        (_segment(device="cuda:7"), "device", "Device 'cuda:7'"),
+        (_segment(device="tpu"), "device", "device 'tpu'"),
+        (_segment(backend="ray", reuse_proposals=True), "backend", ""),
+    ],
+)
+def test_segment_form_refuses_what_the_run_would(banked, params, path, message):
+    refused = refused_in_form("segment_with_references", banked, **params)
+    assert f"Path: {path}" in refused and message in refused
+    assert not banked.has_sample_field(params["label_field"])
+    assert api.segment_status(banked, params["label_field"]) is None
+
+
+def test_segment_form_refuses_targets_that_are_all_references(banked):
+    refused = refused_in_form(
+        "segment_with_references", banked.match_tags("reference"), **_segment()
+    )
+    assert "Path: exclude_tag" in refused and "once samples tagged 'reference' are left" in refused
+
+
+def test_build_form_refuses_a_label_tagged_both_ways_and_a_reference_without_class(banked):
+    gt = "ground_truth"
+    tagged = banked.select_labels(tags="reference", fields=gt)
+    first = tagged.values(f"{gt}.detections.id", unwind=True)[0]
+    banked.select_labels(ids=[first]).tag_labels("negative", label_fields=gt)
+    params = {"gt_field": gt, "bank_name": "b2"}
+    assert "tagged both 'reference' and 'negative'" in refused_in_form(
+        "build_memory_bank", banked, **params
+    )
+    # The same refusal before an update can run.
+    assert "tagged both" in refused_in_form("update_memory_bank", banked, bank_name="bank")
+    banked.select_labels(ids=[first]).untag_labels("negative")
+
+    # The only reference has no class: said so, not "No reference found".
+    banked.untag_labels("reference")
+    sample = banked.first()
+    detection = sample[gt].detections[0]
+    detection.label, detection.tags = None, ["reference"]
+    sample.save()
+    refused = refused_in_form("build_memory_bank", banked, **params)
+    assert "has no class" in refused and "No reference found" not in refused
+    with pytest.raises(NTTError, match="has no class"):
+        api.build_memory_bank(banked, gt, "b3", config=TINY)
+
+
+def test_sample_references_form_refuses_a_class_absent_and_no_tagging(banked):
+    params = {"gt_field": "ground_truth", "replace_tags": True}
+    assert "['star']" in refused_in_form("sample_references", banked, classes=["star"], **params)
+    assert "samples, their labels, or both" in refused_in_form(
+        "sample_references", banked, tag_samples=False, tag_labels=False, **params
+    )

@@ -98,6 +98,32 @@ def test_dataset_level_refusals_change_nothing(banked, call, message):
     assert_refused(banked, call, message)
 
 
+def test_an_output_field_fiftyone_refuses_is_refused_before_any_record(banked):
+    assert_refused(banked, lambda d: api.segment(d, "bank", "_pred"), "cannot start with '_'")
+    assert api.segment_status(banked, "_pred") is None
+
+
+def test_a_run_that_fails_midway_ends_its_record_failed_with_why_and_the_counts(
+    banked, monkeypatch
+):
+    segment_module = sys.modules["ntt_operators.api.segment"]  # api.segment is the function
+    written = []
+    real = segment_module._detections
+
+    def fail_on_the_second_sample(result, label_field, sample_id, previous):
+        if written:
+            raise RuntimeError("disk full")
+        written.append(sample_id)
+        return real(result, label_field, sample_id, previous)
+
+    monkeypatch.setattr(segment_module, "_detections", fail_on_the_second_sample)
+    with pytest.raises(RuntimeError, match="disk full"):
+        api.segment(banked, "bank", "pred")
+    status = api.segment_status(banked, "pred")
+    assert status["status"] == "failed" and "RuntimeError: disk full" in status["error"]
+    assert status["processed"] == 1 == len(banked.exists("pred"))  # the sample written is kept
+
+
 def test_reference_without_mask_or_box_is_refused(scene_dataset):
     sample = scene_dataset.first()
     detection = sample.ground_truth.detections[0]

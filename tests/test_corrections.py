@@ -547,3 +547,102 @@ def test_a_score_edit_changes_labels_and_confidences_only():
         assert writer.written == writer.edited == 1
     finally:
         dataset.delete()
+
+
+def test_pending_changes_previews_an_update_per_field_and_class_without_encoding(banked):
+    dataset = banked
+    assert api.pending_changes(dataset, "bank")["nothing_changed"]
+    first_bank = api.load_memory_bank(dataset, "bank")
+    preds = dataset.values(f"{PREDICTIONS}.detections.id", unwind=True)
+    gt = dict(
+        zip(
+            *dataset.values(
+                ["ground_truth.detections.id", "ground_truth.detections.label"], unwind=True
+            )
+        )
+    )
+    old_ref = first_bank.ref_ids[0].split(":")[1]
+    new_ref = next(i for i in gt if not any(r.endswith(i) for r in first_bank.ref_ids))
+    _tag(dataset, preds[:2], "negative", PREDICTIONS)
+    _tag(dataset, [new_ref], "reference", "ground_truth")
+    _tag(dataset, preds[2:3], "reference", PREDICTIONS)  # a field the bank does not read
+    dataset.select_labels(ids=[old_ref]).untag_labels("reference")
+    negative_classes = {
+        dataset.select_labels(ids=[i]).values(f"{PREDICTIONS}.detections.label", unwind=True)[0]
+        for i in preds[:2]
+    }
+
+    with network_calls() as calls:
+        pending = api.pending_changes(dataset, "bank")
+    assert calls == []
+    assert api.load_memory_bank(dataset, "bank").ref_ids == first_bank.ref_ids
+    assert (pending["references_added"], pending["negatives_added"], pending["removed"]) == (
+        1,
+        2,
+        1,
+    )
+    assert not pending["nothing_changed"] and pending["fields_added"] == []
+    assert pending["ignored"] == {PREDICTIONS: 1}
+    rows = {(r["field"], r["class"], r["role"], r["change"]): r["count"] for r in pending["rows"]}
+    assert rows[("ground_truth", gt[new_ref], "reference", "added")] == 1
+    assert rows[("ground_truth", gt[old_ref], "reference", "removed")] == 1
+    assert {c for f, c, role, _ in rows if role == "negative"} == negative_classes
+    assert sum(n for (f, _, role, _), n in rows.items() if role == "negative") == 2
+
+    # The update does what the preview said; with the field added, the accepted prediction too.
+    with_field = api.pending_changes(dataset, "bank", add_fields=[PREDICTIONS])
+    assert with_field["fields_added"] == [PREDICTIONS] and with_field["references_added"] == 2
+    summary = api.update_memory_bank(dataset, "bank")
+    assert len(summary["added"]) == 3 and len(summary["removed"]) == 1
+
+
+def test_a_no_op_update_touches_nothing(banked):
+    dataset = banked
+    before = dataset.get_run_info("bank").timestamp
+    with network_calls() as calls:
+        summary = api.update_memory_bank(dataset, "bank")
+    assert calls == [] and summary["nothing_changed"] and summary["added"] == []
+    assert dataset.get_run_info("bank").timestamp == before
+    assert api.pending_changes(dataset, "bank")["nothing_changed"]
+
+
+def _update_form(dataset: fo.Dataset, **params) -> dict:
+    ctx = ExecutionContext(
+        request_params={"dataset_name": dataset.name, "params": {"bank_name": "bank", **params}}
+    )
+    form = OperatorRegistry().get_operator(f"{PLUGIN}/update_memory_bank").resolve_input(ctx)
+    return form.to_json()["type"]["properties"]
+
+
+def _preview_text(fields: dict) -> str:
+    (text,) = [p["default"] for name, p in fields.items() if name.startswith("preview_")]
+    return text
+
+
+def test_the_update_form_adds_no_field_by_default_and_previews_each_change(banked):
+    dataset = banked
+    (negative, accepted, *_), labels = dataset.values(
+        [f"{PREDICTIONS}.detections.id", f"{PREDICTIONS}.detections.label"], unwind=True
+    )
+    assert "Nothing changed" in _preview_text(_update_form(dataset))
+    _tag(dataset, [negative], "negative", PREDICTIONS)
+    _tag(dataset, [accepted], "reference", PREDICTIONS)  # e.g. the modal tagged every field
+
+    fields = _update_form(dataset)
+    assert fields["accepted_fields"]["default"] == []  # never pre-filled with predictions
+    text = _preview_text(fields)
+    assert f"| {PREDICTIONS} | {labels[0]} | negative | +1 |" in text
+    assert f"1 in '{PREDICTIONS}'" in text  # the accepted prediction is shown, not taken
+    picked = _preview_text(_update_form(dataset, accepted_fields=[PREDICTIONS]))
+    assert f"| {PREDICTIONS} | {labels[1]} | reference | +1 |" in picked
+
+    run("update_memory_bank", dataset, bank_name="bank")
+    info = api.memory_bank_info(dataset, "bank")
+    assert info["ref_fields"] == ["ground_truth"] and info["num_negatives"] == 1
+
+
+def test_a_rescore_that_writes_no_sample_keeps_the_evaluations(banked):
+    api.evaluate(banked, PREDICTIONS, "ground_truth", "ev")
+    out = api.segment(banked, "bank", PREDICTIONS, reuse_proposals=True, rescore=True)
+    assert out["written"] == 0 and out["deleted_evaluations"] == []
+    assert banked.list_evaluations() == ["ev"]

@@ -285,7 +285,7 @@ def test_segment_form_offers_ray_and_execute_passes_its_settings(banked, monkeyp
     }
 
 
-def test_interrupted_segmentation_is_marked_running_and_skip_done_continues_it(banked):
+def test_interrupted_segmentation_is_marked_cancelled_and_skip_done_continues_it(banked):
     class Interrupt(Exception):
         pass
 
@@ -295,7 +295,8 @@ def test_interrupted_segmentation_is_marked_running_and_skip_done_continues_it(b
 
     with pytest.raises(Interrupt):
         api.segment(banked, "bank", "pred", batch_size=8, progress=stop_after_first)
-    assert api.segment_status(banked, "pred")["status"] == "running"
+    status = api.segment_status(banked, "pred")
+    assert (status["status"], status["processed"]) == ("cancelled", 1)
     assert len(banked.exists("pred")) == 1  # the finished sample was written, not lost
 
     out = api.segment(banked, "bank", "pred", skip_done=True)

@@ -437,3 +437,52 @@ def test_the_summary_names_skipped_samples_and_where_all_failures_are():
         "  ... and 1 more",
         "  (all of them: api.segment_status(dataset, 'ntt')['failed'] in Python)",
     ]
+
+
+def test_no_reachable_database_is_one_sentence_not_a_traceback():
+    env = {
+        **command_env(),
+        "FIFTYONE_DATABASE_URI": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=500",
+    }
+    done = subprocess.run(
+        CLI + ["banks", "list", "--dataset", "any"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("ntt: error: FiftyOne's database (MongoDB) cannot be reached")
+    assert "FIFTYONE_DATABASE_URI" in done.stderr
+
+
+class _FakeSession:
+    def wait(self, timeout) -> None:
+        raise KeyboardInterrupt
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "address, launched, printed",
+    [
+        (None, "localhost", "http://localhost:{port}/ (only from this machine)"),
+        ("0.0.0.0", "0.0.0.0", "(every network interface of this machine)"),
+    ],
+)
+def test_app_binds_localhost_unless_told_and_says_where(
+    monkeypatch, capsys, address, launched, printed
+):
+    dataset = fo.Dataset()
+    seen = {}
+
+    def launch_app(ds, port, address, remote):
+        seen["address"] = address
+        return _FakeSession()
+
+    monkeypatch.setattr(fo, "launch_app", launch_app)
+    monkeypatch.setattr(fo.config, "default_app_address", None)  # FiftyOne's in a container
+    port = _free_port()
+    args = ["app", "--dataset", dataset.name, "--port", str(port)]
+    assert cli.main(args + (["--address", address] if address else [])) == 0
+    assert seen["address"] == launched
+    assert printed.format(port=port) in capsys.readouterr().out
+    dataset.delete()

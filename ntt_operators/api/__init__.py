@@ -25,6 +25,7 @@ from .bank import (
     load_memory_bank,
     memory_bank_config,
     memory_bank_info,
+    pending_changes,
     update_memory_bank,
 )
 from .common import (
@@ -44,14 +45,16 @@ from .evaluate import (
     left_out_tag,
     segmented_samples,
 )
-from .references import reference_view, sample_references
+from .references import check_sampling, reference_view, sample_references
 from .segment import (
+    check_backend,
     check_output_field,
     evaluations_on,
     iter_segment,
     segment,
     segment_run_key,
     segment_status,
+    segment_targets,
     segmented_fields,
 )
 
@@ -65,6 +68,7 @@ __all__ = [
     "check_new_bank_name",
     "check_output_field",
     "check_references",
+    "check_sampling",
     "class_report",
     "delete_memory_bank",
     "detection_fields",
@@ -80,12 +84,15 @@ __all__ = [
     "load_memory_bank",
     "memory_bank_config",
     "memory_bank_info",
+    "pending_changes",
     "reference_view",
     "require_bank",
     "sample_references",
+    "check_backend",
     "segment",
     "segment_run_key",
     "segment_status",
+    "segment_targets",
     "segmented_samples",
     "segmented_fields",
     "update_memory_bank",

@@ -8,6 +8,7 @@ re-read the tags and encode only what changed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -103,7 +104,9 @@ def iter_build_memory_bank(
     )
     sources.check(dataset_or_view)
     check_new_bank_name(dataset, bank_name, overwrite)
-    check_references(dataset_or_view, sources.ref_fields, ref_tag, tag_type, classes)
+    check_references(
+        dataset_or_view, sources.ref_fields, ref_tag, tag_type, classes, sources.negative_tag
+    )
     config = config or NTTConfig()
     wanted = collect_entries(dataset_or_view, sources)
     bank, encoded, box_only = yield from _assemble(
@@ -139,30 +142,140 @@ def iter_update_memory_bank(
 ) -> Steps:
     """``update_memory_bank`` as progress steps; returns the summary."""
     dataset = root_dataset(dataset)
-    previous = load_memory_bank(dataset, bank_name)
-    recorded = memory_bank_config(dataset, bank_name)
-    sources = BankSources.from_record(recorded)
-    sources.ref_fields += [f for f in add_fields or [] if f not in sources.ref_fields]
-    sources.check(dataset)
-    config = NTTConfig.from_dict(recorded["ntt_config"])
-    wanted = collect_entries(dataset, sources)
-    wanted = wanted + _vanished_entries(dataset, previous, wanted)
+    plan = _plan_update(dataset, bank_name, add_fields)
+    previous, sources, config, wanted = plan.previous, plan.sources, plan.config, plan.wanted
+    kept_vanished = sorted(e.ref_id for e in wanted if e.vanished)
+    if plan.changes() == ([], []) and not plan.fields_added:
+        # Nothing tagged or untagged since: the bank and its record stay as they are.
+        yield 1.0, f"Memory bank {bank_name!r}: nothing changed since the last update"
+        return _update_summary(bank_name, previous, previous, set(), kept_vanished) | {
+            "nothing_changed": True
+        }
     bank, encoded, box_only = yield from _assemble(wanted, sources, config, previous)
     _store(dataset, bank_name, bank, sources, config, box_only, overwrite=True)
+    yield 1.0, f"Memory bank {bank_name!r} updated: {_describe(bank)}"
+    return _update_summary(bank_name, previous, bank, encoded, kept_vanished) | {
+        "nothing_changed": False
+    }
+
+
+def _update_summary(
+    bank_name: str, previous: MemoryBank, bank: MemoryBank, encoded: set[str], kept_vanished: list
+) -> dict[str, Any]:
     before = set(previous.ref_ids) | set(previous.negative_ids)
     after = set(bank.ref_ids) | set(bank.negative_ids)
-    summary = {
+    return {
         "bank_name": bank_name,
         "added": sorted(after - before),
         "removed": sorted(before - after),
         "re_encoded": sorted(encoded & before & after),
-        "kept_vanished": sorted(e.ref_id for e in wanted if e.vanished),
+        "kept_vanished": kept_vanished,
         "references": len(bank.ref_ids),
         "negatives": len(bank.negative_ids),
         "encoded": len(encoded),
     }
-    yield 1.0, f"Memory bank {bank_name!r} updated: {_describe(bank)}"
-    return summary
+
+
+@dataclass
+class _UpdatePlan:
+    previous: MemoryBank
+    sources: BankSources
+    """The recorded sources, plus the fields added now."""
+    config: NTTConfig
+    wanted: list[Entry]
+    """The entries the sources designate now, vanished ones kept (classes not yet selected)."""
+    fields_added: list[str]
+
+    def changes(self) -> tuple[list[Entry], list[tuple[str, bool, str]]]:
+        """The entries to add, and the (ref id, negative, class) keys to remove."""
+        _, kept = _keep_classes(self.wanted, self.sources)
+        now = {(e.ref_id, e.negative, e.label): e for e in kept}
+        held = set(_known_features(self.previous))
+        return [e for key, e in now.items() if key not in held], sorted(held - set(now))
+
+
+def _plan_update(dataset: fo.Dataset, bank_name: str, add_fields: list[str] | None) -> _UpdatePlan:
+    """What an update starts from, read from the dataset's tags without encoding anything."""
+    previous = load_memory_bank(dataset, bank_name)
+    recorded = memory_bank_config(dataset, bank_name)
+    sources = BankSources.from_record(recorded)
+    fields_added = list(dict.fromkeys(f for f in add_fields or [] if f not in sources.ref_fields))
+    sources.ref_fields += fields_added
+    sources.check(dataset)
+    config = NTTConfig.from_dict(recorded["ntt_config"])
+    wanted = collect_entries(dataset, sources)
+    wanted += _vanished_entries(dataset, previous, wanted)
+    return _UpdatePlan(previous, sources, config, wanted, fields_added)
+
+
+def pending_changes(
+    dataset: fo.Dataset, bank_name: str, add_fields: list[str] | None = None
+) -> dict[str, Any]:
+    """What ``update_memory_bank(dataset, bank_name, add_fields)`` would change, without
+    encoding or writing anything; refuses what the update would refuse.
+
+    ``rows``: per field, class, role and change, how many entries; an entry whose class changed
+    counts as removed from its old class and added to its new one. A removed entry's field is
+    the one its (untagged) label lies in, "" when the label is gone. ``fields_added``: the
+    reference fields the update would record from now on. ``ignored``: per field the bank does
+    not take references from, how many labels are tagged as references there.
+    """
+    dataset = root_dataset(dataset)
+    plan = _plan_update(dataset, bank_name, add_fields)
+    added, removed = plan.changes()
+    where = _label_fields(dataset, {ref_id for ref_id, _, _ in removed})
+    counts: Counter[tuple[str, str, str, str]] = Counter()
+    for e in added:
+        counts[(e.field, e.label, _role(e.negative), "added")] += 1
+    for ref_id, negative, label in removed:
+        counts[(where.get(ref_id, ""), label, _role(negative), "removed")] += 1
+    rows = [
+        {"field": f, "class": c, "role": role, "change": change, "count": n}
+        for (f, c, role, change), n in sorted(counts.items())
+    ]
+    return {
+        "references_added": sum(1 for e in added if not e.negative),
+        "negatives_added": sum(1 for e in added if e.negative),
+        "removed": len(removed),
+        "rows": rows,
+        "fields_added": plan.fields_added,
+        "ignored": _ignored_references(dataset, plan.sources),
+        "nothing_changed": not rows and not plan.fields_added,
+    }
+
+
+def _ignored_references(dataset: fo.Dataset, sources: BankSources) -> dict[str, int]:
+    """field -> how many of its labels are tagged as references although the bank does not take
+    references from it (a tag that landed there by mistake, or a field to add)."""
+    if sources.tag_type != "label":
+        return {}
+    ignored = {}
+    for field_name in detection_fields(dataset):
+        if field_name not in sources.ref_fields:
+            count = dataset.count_label_tags(label_fields=field_name).get(sources.ref_tag, 0)
+            if count:
+                ignored[field_name] = count
+    return ignored
+
+
+def _role(negative: bool) -> Literal["reference", "negative"]:
+    return "negative" if negative else "reference"
+
+
+def _label_fields(dataset: fo.Dataset, ref_ids: set[str]) -> dict[str, str]:
+    """ref id -> the ``fo.Detections`` field its label lies in now (absent: the label is gone)."""
+    if not ref_ids:
+        return {}
+    by_label = {ref_id.split(":")[-1]: ref_id for ref_id in ref_ids}
+    samples = dataset.select(
+        sorted({r.split(":")[0] for r in ref_ids if ObjectId.is_valid(r.split(":")[0])})
+    )
+    found = {}
+    for field_name in detection_fields(dataset):
+        for label_id in samples.values(f"{field_name}.detections.id", unwind=True):
+            if label_id in by_label:
+                found[by_label[label_id]] = field_name
+    return found
 
 
 @dataclass
@@ -222,6 +335,8 @@ class Entry:
     label: str
     vanished: bool = False
     """The label no longer exists; the entry is kept from the previous bank as it was."""
+    field: str = ""
+    """The ``fo.Detections`` field the label lies in ("" for a vanished entry)."""
 
 
 NO_FIELD_ROUTE = (
@@ -242,14 +357,14 @@ def collect_entries(collection: Collection, sources: BankSources) -> list[Entry]
     if sources.negative_tag:
         for field_name in detection_fields(collection):
             tagged = collection.select_labels(tags=sources.negative_tag, fields=field_name)
-            negatives += [_entry(i, True) for i in iter_instances(tagged, field_name)]
+            negatives += [_entry(i, True, field_name) for i in iter_instances(tagged, field_name)]
     negative_ids = {e.ref_id for e in negatives}
     positives = []
     for field_name in sources.ref_fields:
         refs_view = reference_view(collection, field_name, sources.ref_tag, sources.tag_type)
         for instance in iter_instances(refs_view, field_name):
             if instance.ref_id not in negative_ids:
-                positives.append(_entry(instance, False))
+                positives.append(_entry(instance, False, field_name))
             elif sources.ref_tag in instance.detection.tags:
                 raise PluginInputError(
                     f"Label {instance.label_id} of sample {instance.sample_id} is tagged both "
@@ -265,7 +380,7 @@ def collect_entries(collection: Collection, sources: BankSources) -> list[Entry]
     return positives + negatives
 
 
-def _entry(instance: GroundTruthInstance, negative: bool) -> Entry:
+def _entry(instance: GroundTruthInstance, negative: bool, field: str) -> Entry:
     label = instance.detection.label
     if not label or not str(label).strip():
         role = "negative" if negative else "reference"
@@ -274,7 +389,7 @@ def _entry(instance: GroundTruthInstance, negative: bool) -> Entry:
             "(its label is empty): give it a class or untag it"
         )
     instance.box_xywh()  # refuses a missing or sub-pixel box now, with the label's id
-    return Entry(instance, negative, instance.ref_id, str(label))
+    return Entry(instance, negative, instance.ref_id, str(label), field=field)
 
 
 def _vanished_entries(
@@ -316,16 +431,7 @@ def _assemble(
     """The bank of ``wanted``: features from ``previous`` where it holds the same entry, else
     encoded now (models load only then). Returns (bank, ids encoded now, how many entries are
     box-only labels, whose masks SAM2 made)."""
-    present = sorted({e.label for e in wanted if not e.negative})
-    classes = sources.classes or present
-    missing = [c for c in classes if c not in present]
-    if missing:
-        raise ReferenceInputError(
-            f"Class(es) {missing} have no reference tagged {sources.ref_tag!r} in "
-            f"{sources.ref_fields}; tag at least one instance of each, or leave them out "
-            f"(tagged: {present})"
-        )
-    wanted = [e for e in wanted if e.label in classes]
+    classes, wanted = _keep_classes(wanted, sources)
     known = _known_features(previous)
     todo = [e for e in wanted if (e.ref_id, e.negative, e.label) not in known]
     yield 0.0, "Loading models" if todo else "Nothing new to encode"
@@ -366,6 +472,21 @@ def _assemble(
     )
     box_only = sum(1 for e in wanted if e.instance and not e.instance.detection.has_mask)
     return bank, {key[0] for key in fresh}, box_only
+
+
+def _keep_classes(wanted: list[Entry], sources: BankSources) -> tuple[list[str], list[Entry]]:
+    """The bank's classes (those asked for, else every class referenced) and the entries of
+    those classes; refuses a class asked for without a reference."""
+    present = sorted({e.label for e in wanted if not e.negative})
+    classes = sources.classes or present
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ReferenceInputError(
+            f"Class(es) {missing} have no reference tagged {sources.ref_tag!r} in "
+            f"{sources.ref_fields}; tag at least one instance of each, or leave them out "
+            f"(tagged: {present})"
+        )
+    return classes, [e for e in wanted if e.label in classes]
 
 
 def _known_features(bank: MemoryBank | None) -> dict[tuple, tuple]:
@@ -446,10 +567,16 @@ def check_references(
     ref_tag: str,
     tag_type: str,
     classes: list[str] | None = None,
+    negative_tag: str | None = None,
 ) -> list[str]:
-    """Refuses a build with no reference tagged, or a requested class without one; returns the
+    """Refuses a build with no reference tagged, a reference without a class, a label tagged
+    both ``ref_tag`` and ``negative_tag``, or a requested class without a reference; returns the
     classes the bank will hold (all tagged ones when ``classes`` is empty)."""
     fields = _field_list(gt_field)
+    for name in fields:
+        _refuse_classless_references(reference_view(dataset_or_view, name, ref_tag, tag_type), name)
+    if negative_tag:
+        _refuse_double_tags(dataset_or_view, ref_tag, negative_tag)
     present = sorted(
         {
             label
@@ -475,6 +602,36 @@ def check_references(
     return list(classes) if classes else present
 
 
+def _refuse_classless_references(references: Collection, field_name: str) -> None:
+    ids, labels = references.values(
+        [f"{field_name}.detections.id", f"{field_name}.detections.label"], unwind=True
+    )
+    blank = [i for i, label in zip(ids, labels) if not label or not str(label).strip()]
+    if blank:
+        raise ReferenceInputError(
+            f"The reference label {blank[0]} of {field_name!r} has no class (its label is "
+            f"empty){f' nor do {len(blank) - 1} other(s)' if len(blank) > 1 else ''}: give it "
+            "a class or untag it"
+        )
+
+
+def _refuse_double_tags(collection: Collection, ref_tag: str, negative_tag: str) -> None:
+    if negative_tag == ref_tag:
+        raise PluginInputError(
+            f"The negative tag and the reference tag are both {ref_tag!r}; use two different tags"
+        )
+    for field_name in detection_fields(collection):
+        both = collection.select_labels(tags=ref_tag, fields=field_name).select_labels(
+            tags=negative_tag, fields=field_name
+        )
+        ids = both.values(f"{field_name}.detections.id", unwind=True)
+        if ids:
+            raise PluginInputError(
+                f"Label {ids[0]} of {field_name!r} is tagged both {ref_tag!r} and "
+                f"{negative_tag!r}; remove one of the tags"
+            )
+
+
 def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.ndarray]:
     """SAM2 masks of the box-only instances, by position; each image is embedded once."""
     by_image: dict[str, list[int]] = {}
@@ -488,27 +645,30 @@ def _masks_from_boxes(predictor: NTTPredictor, instances: list) -> dict[int, np.
     return masks
 
 
+REBUILD = "rebuild it: build a bank of that name again, replacing it"
+"""Said by every refusal of a damaged bank; in any form's words (no option named, since the
+Segment form's 'overwrite' is another option than the Build form's)."""
+
+
 def load_memory_bank(dataset: fo.Dataset, bank_name: str) -> MemoryBank:
     require_bank(dataset, bank_name)
     results = dataset.load_run_results(bank_name, cache=False, load_view=False)
     blob = getattr(results, "bank", None)
     if not isinstance(blob, bytes):
         raise BankError(
-            f"Memory bank {bank_name!r} has no stored data (its build was interrupted?); "
-            "rebuild it with overwrite=True"
+            f"Memory bank {bank_name!r} has no stored data (its build was interrupted?); {REBUILD}"
         )
     try:
         bank = MemoryBank.from_bytes(blob)
     except BankError as error:
-        message = f"Memory bank {bank_name!r}: {error}; rebuild it with overwrite=True"
+        message = f"Memory bank {bank_name!r}: {error}; {REBUILD}"
         raise BankError(message) from error
     recorded = dataset.get_run_info(bank_name).config
     if (bank.classes, bank.encoder) != (list(recorded.classes), recorded.encoder):
         # The stored bytes were swapped or edited after the build: refuse rather than guess.
         raise BankMismatchError(
             f"Memory bank {bank_name!r} holds classes {bank.classes} from {bank.encoder!r}, but "
-            f"its record says {list(recorded.classes)} from {recorded.encoder!r}; rebuild it "
-            "with overwrite=True"
+            f"its record says {list(recorded.classes)} from {recorded.encoder!r}; {REBUILD}"
         )
     return bank
 

@@ -110,47 +110,15 @@ def tagged_view(dataset: fo.Dataset, role: str, fields: list[str]) -> fo.Dataset
     return dataset.select_labels(tags=role, fields=fields)
 
 
-def pending_changes(dataset: fo.Dataset, bank_name: str, ref_fields: list[str]) -> dict:
-    """What an update of the bank would add or remove, from the tags: the references and
-    negatives tagged since the bank was last built or updated."""
-    recorded = memory_bank_config(dataset, bank_name)
-    held_refs = set(recorded.get("reference_ids") or [])
-    held_negs = set(recorded.get("negative_ids") or [])
-    fields = sorted(set(recorded.get("ref_fields") or [recorded["gt_field"]]) | set(ref_fields))
-    tagged_refs = _tagged_ids(dataset, REFERENCE, fields)
-    tagged_negs = _tagged_ids(dataset, NEGATIVE, detection_fields(dataset))
-    added_refs = len(tagged_refs - held_refs - tagged_negs)
-    added_negs = len(tagged_negs - held_negs)
-    removed = len(held_refs - tagged_refs - _vanished(dataset, held_refs)) + len(
-        held_negs - tagged_negs - _vanished(dataset, held_negs)
-    )
-    return {
-        "references_added": added_refs,
-        "negatives_added": added_negs,
-        "removed": removed,
-        "nothing_changed": not (added_refs or added_negs or removed),
-    }
-
-
-def _tagged_ids(dataset: fo.Dataset, tag: str, fields: list[str]) -> set[str]:
-    ids: set[str] = set()
-    for name in fields:
-        if dataset.has_sample_field(name):
-            view = dataset.select_labels(tags=tag, fields=name)
-            ids.update(view.values(f"{name}.detections.id", unwind=True))
-    return ids
-
-
-def _vanished(dataset: fo.Dataset, label_ids: set[str]) -> set[str]:
-    """The ids among ``label_ids`` no field holds any more (an update keeps their entries)."""
-    existing = set()
-    for name in detection_fields(dataset):
-        existing.update(dataset.values(f"{name}.detections.id", unwind=True))
-    return label_ids - existing
+def accepted_fields(dataset: fo.Dataset, label_field: str) -> list[str] | None:
+    """The predictions field when some of its labels are tagged as references: a round (and
+    its preview) accepts them, and the field becomes a reference field of the bank."""
+    return [label_field] if _has_tagged(dataset, label_field, REFERENCE) else None
 
 
 def describe_pending(pending: dict) -> str:
-    """'3 references and 1 negative tagged since the last update', or that the bank is current."""
+    """``pending_changes`` in words: '3 references and 1 negative tagged since the last update',
+    or that the bank is up to date."""
     parts = [
         _count(pending["references_added"], "reference"),
         _count(pending["negatives_added"], "negative"),
@@ -221,8 +189,7 @@ def run_round(
         references, negatives = len(bank), len(bank.negative_ids)
         added = references + negatives
     else:
-        # Predictions tagged as references are accepted: their field becomes a reference field.
-        accepted = [label_field] if _has_tagged(dataset, label_field, REFERENCE) else None
+        accepted = accepted_fields(dataset, label_field)
         update = update_memory_bank(dataset, bank_name, add_fields=accepted, progress=progress)
         references, negatives = update["references"], update["negatives"]
         added = len(update["added"])

@@ -37,14 +37,9 @@ def sample_references(
     Returns class -> label ids.
     """
     dataset_or_view = source_samples(dataset_or_view)
-    require_detections_field(dataset_or_view, gt_field)
-    require_tag(tag)
-    if not (tag_samples or tag_labels):
-        raise PluginInputError("Choose to tag the reference samples, their labels, or both")
+    check_sampling(dataset_or_view, gt_field, tag, tag_samples, tag_labels, replace_tags, classes)
     dataset = root_dataset(dataset_or_view)
-    placed = dataset.info.get(_PLACED_KEY, {}).get(tag, {"labels": [], "samples": []})
-    if not replace_tags:
-        _refuse_hand_placed_tags(dataset_or_view, gt_field, tag, placed)
+    placed = _placed(dataset, tag)
     ensure_metadata(dataset_or_view)
     anns, sizes = annotations(dataset_or_view, gt_field)
     picks = sample_annotations(anns, sizes, classes, shots=shots, seed=seed)
@@ -68,6 +63,39 @@ def sample_references(
     dataset.info[_PLACED_KEY] = record
     dataset.save()
     return label_ids
+
+
+def check_sampling(
+    dataset_or_view: Collection,
+    gt_field: str,
+    tag: str,
+    tag_samples: bool,
+    tag_labels: bool,
+    replace_tags: bool,
+    classes: list[str] | None = None,
+) -> None:
+    """Refuses what ``sample_references`` would refuse, reading labels and tags only (the
+    form's check; too few usable instances for the shots asked is found when sampling)."""
+    dataset_or_view = source_samples(dataset_or_view)
+    require_detections_field(dataset_or_view, gt_field)
+    require_tag(tag)
+    if not (tag_samples or tag_labels):
+        raise PluginInputError("Choose to tag the reference samples, their labels, or both")
+    if not len(dataset_or_view):
+        raise PluginInputError("No sample to draw references from: the view is empty")
+    present = dataset_or_view.distinct(f"{gt_field}.detections.label")
+    missing = [c for c in classes or [] if c not in present]
+    if missing:
+        raise PluginInputError(
+            f"Class(es) {missing} have no instance in {gt_field!r} here (its classes: {present})"
+        )
+    if not replace_tags:
+        placed = _placed(root_dataset(dataset_or_view), tag)
+        _refuse_hand_placed_tags(dataset_or_view, gt_field, tag, placed)
+
+
+def _placed(dataset: fo.Dataset, tag: str) -> dict[str, list[str]]:
+    return dataset.info.get(_PLACED_KEY, {}).get(tag, {"labels": [], "samples": []})
 
 
 _PLACED_KEY = "ntt_sampled_references"

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import fiftyone as fo
 import torch
+from fiftyone.core.odm.utils import validate_field_name
 
 from ntt_core import Instances, MemoryBank, NTTConfig, NTTError, NTTPredictor
 from ntt_core.cache import file_checksum
@@ -19,6 +20,7 @@ from ntt_core.ray_backend import Result, predict_or_error, segment_on_ray
 
 from .. import locks
 from ..labels import FieldWriter, ScoreEdit, instances_to_detections, prediction_ids
+from ..messages import sentence
 from ..proposal_cache import Prefetched, ProposalCache
 from .bank import load_memory_bank, memory_bank_config
 from .common import (
@@ -35,7 +37,7 @@ from .common import (
 )
 from .rescore import Stamping, plan_stamping
 
-RUNNING, COMPLETED = "running", "completed"
+RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 UNCHANGED = object()
 """A result that equals what the field holds (``rescore.Screen``): nothing to compare or write."""
 
@@ -132,22 +134,13 @@ def iter_segment(
     exists = check_output_field(dataset, bank_name, label_field, overwrite, skip_done, rescore)
     if batch_size < 1:
         raise PluginInputError(f"batch_size must be at least 1, got {batch_size}")
-    _check_backend(backend, num_actors, reuse_proposals)
+    check_backend(backend, num_actors, reuse_proposals)
     config = config or NTTConfig.from_dict(recorded["ntt_config"])
-    targets = dataset_or_view
-    if exclude_tag:
-        targets = targets.match_tags(exclude_tag, bool=False).match_labels(
-            tags=exclude_tag, bool=False
-        )
+    targets = segment_targets(dataset_or_view, exclude_tag)
     todo = targets.exists(label_field, False) if (skip_done and exists) else targets
     previous = _previous_predictions(todo, label_field) if (rescore and exists) else None
     sample_ids, filepaths = todo.values(["id", "filepath"])
     skipped = len(targets) - len(sample_ids)
-    if not len(targets):
-        left_out = f" once samples tagged {exclude_tag!r} are left out" if exclude_tag else ""
-        raise PluginInputError(
-            f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
-        )
 
     # Refuse a bank from another encoder now, on either backend, not once per sample.
     bank.check_compatible(encoder_identity(config), config.encoder_image_size)
@@ -199,18 +192,20 @@ def iter_segment(
             instances=0,
             **recorded_stamps,
         )
-        deleted_evaluations = _delete_evaluations(dataset, label_field) if exists else []
-        if exists and not (skip_done or rescore):
-            dataset.delete_sample_field(label_field)
-        if not dataset.has_sample_field(label_field):
-            dataset.add_sample_field(
-                label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
-            )
-
         writer = FieldWriter(dataset, label_field, batch_size)
         failed: dict[str, str] = {}
         instances = unchanged = 0
+        ended = None  # how the run ended, when it did not complete
         try:
+            # A re-score changes the field only where it writes: its evaluations go only then.
+            stale_now = exists and not rescore
+            deleted_evaluations = _delete_evaluations(dataset, label_field) if stale_now else []
+            if exists and not (skip_done or rescore):
+                dataset.delete_sample_field(label_field)
+            if not dataset.has_sample_field(label_field):
+                dataset.add_sample_field(
+                    label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+                )
             for k, (sample_id, result, error) in enumerate(results):
                 if error is not None:
                     failed[sample_id] = error
@@ -227,10 +222,23 @@ def iter_segment(
                         with _timed(timings, "write"):
                             writer.add(sample_id, detections)
                 yield (k + 1) / len(sample_ids), f"Segmented {k + 1}/{len(sample_ids)} samples"
+        except (GeneratorExit, KeyboardInterrupt):
+            ended = {"status": CANCELLED}
+            raise
+        except Exception as error:
+            ended = {"status": FAILED, "error": sentence(error)}
+            raise
         finally:
             # Whatever happens, finished samples are kept so skip_done can continue from them.
             with _timed(timings, "write"):
                 writer.flush()
+            if rescore and exists and writer.written:
+                deleted_evaluations = _delete_evaluations(dataset, label_field)
+            if ended is not None:
+                # Only a killed process leaves "running" behind; skip_done continues any of them.
+                counts = dict(processed=writer.written + unchanged, skipped=skipped, failed=failed)
+                counts |= {"instances": instances, **recorded_stamps}
+                _save_status(dataset, run_key, **ended, **counts)
         if stamping is not None:
             stamping.stamp_scored(cache, [i for i in sample_ids if i not in failed])
         summary = {
@@ -255,6 +263,22 @@ def iter_segment(
         locks.release(dataset, label_field, owner)
     yield 1.0, f"Segmented {summary['processed']} samples into {label_field!r}"
     return summary
+
+
+def segment_targets(dataset_or_view: Collection, exclude_tag: str | None) -> Collection:
+    """The samples a run segments: those without ``exclude_tag`` (as a sample or label tag);
+    refuses an empty target."""
+    targets = dataset_or_view
+    if exclude_tag:
+        targets = targets.match_tags(exclude_tag, bool=False).match_labels(
+            tags=exclude_tag, bool=False
+        )
+    if not len(targets):
+        left_out = f" once samples tagged {exclude_tag!r} are left out" if exclude_tag else ""
+        raise PluginInputError(
+            f"No target sample: the view is empty{left_out}. Select or match the samples to segment"
+        )
+    return targets
 
 
 @contextlib.contextmanager
@@ -419,7 +443,8 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
+def check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
+    """Refuses a backend that cannot run here, or settings it cannot use."""
     if backend not in ("local", "ray"):
         raise PluginInputError(f"backend must be 'local' or 'ray', got {backend!r}")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
@@ -439,12 +464,17 @@ def segmented_fields(dataset: fo.Dataset) -> list[str]:
 
 
 def segment_status(dataset: fo.Dataset, label_field: str) -> dict[str, Any] | None:
-    """The recorded status and counts of the run that wrote ``label_field`` (None: no record)."""
+    """The recorded status and counts of the run that wrote ``label_field`` (None: no record).
+
+    ``status``: ``running`` (or a process killed while running), ``completed``, ``cancelled``
+    or ``failed`` (then ``error`` says why). ``processed``: the samples written or found
+    unchanged."""
     run_key = segment_run_key(label_field)
     if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
         return None
     results = dataset.load_run_results(run_key, cache=False, load_view=False)
-    return {"status": results.status, **{k: getattr(results, k) for k in _COUNTS}}
+    status = {"status": results.status, **{k: getattr(results, k) for k in _COUNTS}}
+    return status | ({"error": results.error} if results.status == FAILED else {})
 
 
 def _save_status(dataset: fo.Dataset, run_key: str, status: str, **counts: Any) -> None:
@@ -484,6 +514,10 @@ def _check_output_field(
             f"Output field {label_field!r} must be a new top-level field name (letters, digits, "
             "underscores; not starting with a digit)"
         )
+    try:
+        validate_field_name(label_field, media_type=dataset.media_type)
+    except ValueError as error:
+        raise PluginInputError(f"FiftyOne refuses output field {label_field!r}: {error}") from error
     if sum((overwrite, skip_done, rescore)) > 1:
         raise PluginInputError(
             "overwrite=True starts the field afresh, skip_done=True continues it and "

@@ -16,16 +16,26 @@ import os
 import pathlib
 import re
 import shutil
+import time
 import warnings
 
 import pytest
 
 from ntt_operators import sandbox
 
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # the suite is skipped then, with a warning (see _missing)
+    PlaywrightTimeout = TimeoutError
+
 TIMEOUT_MS = int(os.environ.get("NTT_BROWSER_TIMEOUT_MS", 120_000))
 """Generous: two shared CPU cores, and the first model load happens inside the App server."""
 RUN_TIMEOUT_MS = 600_000
 """A whole run in the App server: generous, the machine's cores are shared."""
+STALL_MS = int(os.environ.get("NTT_BROWSER_STALL_MS", 180_000))
+"""While waiting for a run, how long neither the page nor the App server's log may stay still:
+a run shows progress, so a longer silence means it is not running (fail then, saying what the
+page shows, instead of waiting ``RUN_TIMEOUT_MS``)."""
 APP_SERVER_LOG = "app-server.log"
 APP_ERRORS = re.compile(r"^(GraphQL API Error|What went wrong)$")
 """The App's error page, and the result dialog of a run that failed (``forms.failure_outputs``)."""
@@ -167,12 +177,50 @@ class CuratorApp:
         self.page.wait_for_timeout(1500)
 
     def expect_text(self, text: str, timeout: float = TIMEOUT_MS) -> None:
-        """Waits for ``text``; fails at once if the App shows an error page or a failed run."""
+        """Waits for ``text``; fails at once if the App shows an error page or a failed run, and
+        early if neither the page nor the server's log changes for ``STALL_MS``."""
         wanted = self.page.get_by_text(text, exact=False)
-        wanted.or_(self.page.get_by_text(APP_ERRORS)).first.wait_for(timeout=timeout)
+        either = wanted.or_(self.page.get_by_text(APP_ERRORS)).first
+        deadline = time.monotonic() + timeout / 1000
+        still_since, last = time.monotonic(), None
+        while True:
+            try:
+                either.wait_for(timeout=min(2000, timeout))
+                break
+            except PlaywrightTimeout:
+                now = time.monotonic()
+                state = (self._body(), self._log_size())
+                if state != last:
+                    still_since, last = now, state
+                if now > deadline or (now - still_since) * 1000 > STALL_MS:
+                    waited = (
+                        "timed out"
+                        if now > deadline
+                        else f"nothing changed for {STALL_MS / 1000:.0f} s"
+                    )
+                    raise AssertionError(
+                        f"Waiting for {text!r}: {waited}. The page shows: {state[0][:800]!r}\n"
+                        f"App server log (last lines):\n{self._log_tail()}"
+                    ) from None
         if not wanted.count():
-            body = self.page.locator("body").inner_text()
-            raise AssertionError(f"Waiting for {text!r}, the App shows an error: {body[:800]}")
+            raise AssertionError(
+                f"Waiting for {text!r}, the App shows an error: {self._body()[:800]}\n"
+                f"App server log (last lines):\n{self._log_tail()}"
+            )
+
+    def _body(self) -> str:
+        try:
+            return self.page.locator("body").inner_text(timeout=5000)
+        except PlaywrightTimeout:
+            return "(the page did not answer within 5 s)"
+
+    def _log_size(self) -> int:
+        return self.server_log.stat().st_size if self.server_log.exists() else 0
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if not self.server_log.exists():
+            return "(no log)"
+        return "\n".join(self.server_log.read_text(errors="replace").splitlines()[-lines:])
 
     def dialog_text(self) -> str:
         return self.dialog.inner_text()
@@ -199,7 +247,15 @@ class CuratorApp:
         if button.inner_text().strip() != choice:
             self.dialog.locator("button").last.click()  # the arrow of the split button
             self.page.get_by_role("menuitem").filter(has_text=choice).first.click()
-            self.page.wait_for_timeout(300)
+            # On a busy machine the button can take a while to change: clicking it before
+            # would run the other way (a run scheduled instead of executed waits for ever).
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            while self.execute_button.inner_text().strip() != choice:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"The run button never switched to {choice!r}: {self.dialog_text()[:800]}"
+                    )
+                self.page.wait_for_timeout(200)
         self.execute_button.click()
 
 
@@ -218,6 +274,9 @@ def pytest_runtest_makereport(item, call):
     app = item.funcargs.get("app") or item.funcargs.get("curator")
     page = getattr(app, "page", None)
     if report.failed and folder and page is not None:
-        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(pathlib.Path(folder) / f"{item.name}.png"))
-        shutil.copy(app.server_log, pathlib.Path(folder) / "app-server.log")
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(folder / f"{item.name}.png"))
+        (folder / f"{item.name}.txt").write_text(app._body())
+        # The operators run in the App server: its log holds their tracebacks too.
+        shutil.copy(app.server_log, folder / "app-server.log")
