@@ -104,11 +104,17 @@ class NoTimeToTrainPanel(foo.Panel):
             ctx.ops.reload_samples()
 
     def _mark_selection(self, ctx: foo.ExecutionContext, role: str | None) -> int:
-        """The selected labels of the named fields; with no label selected, every label of the
-        reference field in the selected samples (never a negative: pick those one by one)."""
+        """The selected labels of the named fields; with no label selected, the predictions of
+        the patches ticked in the *Review* grid, or else every label of the reference field in
+        the selected samples (never a negative: pick those one by one)."""
         fields = self._named_fields(ctx)
         if any(s.get("field") in fields for s in ctx.selected_labels) or not ctx.selected:
             return loop.mark_labels(ctx.dataset, ctx.selected_labels, fields, role)
+        predictions = state(ctx, "predictions")
+        if ctx.view._is_patches and ctx.view.has_field(predictions):
+            # The Review grid: each ticked patch is one prediction.
+            labels = loop.patch_labels(ctx.view, ctx.selected, predictions)
+            return loop.mark_labels(ctx.dataset, labels, fields, role)
         if role == loop.NEGATIVE:
             raise api.PluginInputError(
                 "Select the labels to mark negative (click them in the sample), not samples"

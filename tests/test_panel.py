@@ -42,12 +42,17 @@ class PanelSession:
         self.ops: list[str] = []
 
     def call(
-        self, method: str, selected_labels: list[dict] | None = None, selected: list[str] = ()
+        self,
+        method: str,
+        selected_labels: list[dict] | None = None,
+        selected: list[str] = (),
+        view: fo.DatasetView | None = None,
     ) -> str:
         """Runs the handler, then renders; returns the rendered text."""
         ctx = ExecutionContext(
             request_params={
                 "dataset_name": self.dataset.name,
+                "view": view._serialize() if view is not None else [],
                 "selected_labels": selected_labels or [],
                 "selected": list(selected),
                 "params": {"panel_id": "panel", "panel_state": self.state},
@@ -150,6 +155,27 @@ def test_reference_on_selected_samples_marks_the_boxes_drawn_in_them(unlabelled,
     tags = tags_of(unlabelled, "boxes")
     marked = {s["label_id"] for s in selection if s["sample_id"] == first_sample}
     assert {i for i, t in tags.items() if t == ["reference"]} == marked
+
+
+def test_patches_ticked_in_the_review_grid_mark_their_predictions(unlabelled):
+    unlabelled.add_sample_field(
+        PREDICTIONS, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+    )
+    sample = unlabelled.first()
+    sample[PREDICTIONS] = fo.Detections(
+        detections=[
+            fo.Detection(label=CLASS, bounding_box=[0.1 * k, 0, 0.1, 0.1], confidence=0.5)
+            for k in range(3)
+        ]
+    )
+    sample.save()
+    patches, _ = loop.review_view(unlabelled, PREDICTIONS)
+    ticked = patches.values("id")[1]
+    session = PanelSession(unlabelled)
+    text = session.call("mark_negative", selected=[ticked], view=patches)
+    assert "1 label(s) marked: negatives" in text
+    tagged = [i for i, t in tags_of(unlabelled, PREDICTIONS).items() if t == ["negative"]]
+    assert tagged == [patches.values(f"{PREDICTIONS}.id")[1]]
 
 
 def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_files):

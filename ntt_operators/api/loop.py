@@ -91,6 +91,17 @@ def mark_samples(dataset: fo.Dataset, sample_ids: list[str], field: str, role: s
     return mark_labels(dataset, selection, [field], role)
 
 
+def patch_labels(patches: fo.DatasetView, patch_ids: list[str], field: str) -> list[dict]:
+    """The labels behind patches of ``field`` (``to_patches``, the *Review* grid), in the
+    App's selected-label form: ticking a patch selects its one label."""
+    chosen = patches.select(patch_ids)
+    label_ids, sample_ids = chosen.values([f"{field}.id", "sample_id"])
+    return [
+        {"label_id": label_id, "sample_id": str(sample_id), "field": field}
+        for label_id, sample_id in zip(label_ids, sample_ids)
+    ]
+
+
 def tagged_per_class(dataset: fo.Dataset, ref_fields: list[str]) -> list[dict[str, Any]]:
     """Per class, the labels tagged as references (in ``ref_fields``) and as negatives (in any
     ``fo.Detections`` field) now, whether or not a bank holds them yet."""
