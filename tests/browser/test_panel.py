@@ -4,9 +4,8 @@ field re-scored after one correction, counting the UI actions on the way.
 One action is one click, one mouse drag or one text typed into a field. The path: open the
 panel (2), type the classes (1), create the field (1), open a sample (1), Annotate tab (1), box
 tool (1), two boxes drawn (2), close the sample (1), select it in the grid (1), Reference (1),
-models (1), Run round (1); then mark one prediction negative (open, Explore tab, click it,
-close, Negative: 5) and accept one as a reference (open, click, close, Reference: 4), Run round
-(1). Goal: at most 25.
+models (1), Run round (1); then Review (1), tick a patch and press Negative (2), tick another
+and press Reference (2), Run round (1): 20. Goal: at most 25.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import os
 import pathlib
 
 import fiftyone as fo
-import numpy as np
 import pytest
 
 from ntt_operators import api
@@ -79,7 +77,10 @@ class Curator:
         self.page.wait_for_timeout(1500)  # the image settles at its size
 
     def tick_sample(self, index: int) -> None:
+        """Ticks the tile's checkbox (it shows once the pointer is over the tile)."""
         box = self.page.locator("[data-cy=looker]").nth(index).bounding_box()
+        self.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        self.page.wait_for_timeout(500)
         self.click_at(box["x"] + 19, box["y"] + 19, "the sample's checkbox")
 
     def close_sample(self) -> None:
@@ -186,12 +187,22 @@ def test_from_no_labels_to_a_corrected_field_in_the_panel(curator, dataset, scen
     assert "Round 1 done" in text, text
     assert "2 bank entries added" in text
     before = predictions(dataset)
-    negative, accepted = two_predictions_in_two_samples(dataset, sample_id)
 
-    # 5. One prediction marked negative, one accepted as a reference, each from the selection.
-    mark(me, dataset, negative, "Explore", "Negative")
+    # 5. Review: the predictions one patch each, least confident first. One ticked patch marked
+    # negative, one from another sample accepted as a reference.
+    me.click(me.button("Review"), "Review")
+    page.get_by_text("Predictions by confidence, lowest first").wait_for()
+    negative, accepted = two_patches_of_two_samples(dataset)
+    page.get_by_text(f"{len(before)} patches").wait_for()
+    page.wait_for_timeout(2000)  # the patches' tiles settle
+    me.tick_sample(negative["position"])
+    page.get_by_text("1 sample(s)").wait_for()
+    me.click(me.button("Negative"), "Negative")
+    page.get_by_text("1 label(s) marked: negatives").wait_for()
     page.get_by_text("1 negative tagged since the last update").wait_for()
-    mark(me, dataset, accepted, None, "Reference")
+    me.tick_sample(accepted["position"])
+    page.get_by_text("1 sample(s)").wait_for()
+    me.click(me.button("Reference"), "Reference")
     page.get_by_text("1 reference and 1 negative tagged since the last update").wait_for()
 
     # 6. A second round: the bank updated, the field re-scored in place from the cache.
@@ -220,58 +231,16 @@ def test_from_no_labels_to_a_corrected_field_in_the_panel(curator, dataset, scen
     assert len(me.actions) <= MAX_ACTIONS, me.actions
 
 
-def mark(me: Curator, dataset: fo.Dataset, prediction: dict, tab: str | None, button: str) -> None:
-    """Opens the prediction's sample, selects it by a click on its box, closes the sample and
-    presses ``button`` in the panel."""
-    index = dataset.values("id").index(prediction["sample_id"])
-    me.open_sample(index)
-    if tab:  # the modal reopens on the tab last used (Annotate, after drawing)
-        me.click(me.page.locator(f"[data-cy={tab.lower()}]"), f"{tab} tab")
-        me.page.wait_for_timeout(1000)
-    width, height = (
-        dataset.values("metadata.width")[index],
-        dataset.values("metadata.height")[index],
-    )
-    x, y = prediction["inside"]
-    point = me.on_image(x * width, y * height, width, height)
-    me.page.mouse.move(*point)  # the sample finds the label under the pointer as it moves
-    me.page.wait_for_timeout(500)
-    me.click_at(*point, "a label")
-    me.page.wait_for_timeout(1000)
-    me.close_sample()
-    me.page.get_by_text("1 label(s) selected").wait_for()
-    me.click(me.button(button), button)
-    me.page.get_by_text(f"1 label(s) marked: {button.lower()}s").wait_for()
-    dataset.reload()
-    (tagged,) = dataset.select_labels(tags=button.lower(), fields=PREDICTIONS).values(
-        f"{PREDICTIONS}.detections.id", unwind=True
-    ) or [None]
-    assert tagged == prediction["id"], f"the click selected another label than {prediction}"
-
-
-def two_predictions_in_two_samples(dataset: fo.Dataset, reference_sample: str) -> tuple:
-    """The largest prediction of two samples other than the references' (a negative's sample
-    must stay a target: a sample with a reference is left out of the re-scoring)."""
-    dataset.reload()
-    chosen = []
-    for sample_id, dets in zip(*dataset.values(["id", PREDICTIONS])):
-        if sample_id == reference_sample or not dets or not dets.detections:
-            continue
-        largest = max(dets.detections, key=lambda d: d.bounding_box[2] * d.bounding_box[3])
-        chosen.append({"id": largest.id, "sample_id": sample_id, "inside": inside(largest)})
-    if len(chosen) < 2:
-        pytest.fail(f"round 1 predicted in fewer than two samples: {chosen}")
-    return chosen[0], chosen[1]
-
-
-def inside(detection: fo.Detection) -> tuple[float, float]:
-    """A point of the detection's mask (relative image coordinates), the one nearest the mask's
-    middle: a click there selects this label, whatever the mask's shape."""
-    x, y, w, h = detection.bounding_box
-    rows, cols = np.nonzero(detection.mask)
-    k = int(np.argmin((rows - np.median(rows)) ** 2 + (cols - np.median(cols)) ** 2))
-    mask_h, mask_w = detection.mask.shape
-    return x + (cols[k] + 0.5) / mask_w * w, y + (rows[k] + 0.5) / mask_h * h
+def two_patches_of_two_samples(dataset: fo.Dataset) -> tuple[dict, dict]:
+    """Two predictions of the Review grid (its positions) from two samples: a negative's sample
+    must stay a target, and a sample with a reference is left out of the re-scoring."""
+    patches, _ = loop.review_view(dataset, PREDICTIONS)
+    label_ids, sample_ids = patches.values([f"{PREDICTIONS}.id", "sample_id"])
+    first = {"id": label_ids[0], "position": 0}
+    for position, (label_id, sample_id) in enumerate(zip(label_ids, sample_ids)):
+        if sample_id != sample_ids[0]:
+            return first, {"id": label_id, "position": position}
+    pytest.fail(f"round 1 predicted in one sample only: {sample_ids}")
 
 
 def predictions(dataset: fo.Dataset) -> dict[str, tuple]:
