@@ -1,4 +1,4 @@
-"""FiftyOne plugin entry: registers the operators (the code lives in ``ntt_operators``).
+"""FiftyOne plugin entry: registers the operators and the panel (code in ``ntt_operators``).
 
 ``ntt_operators`` is imported by its absolute name (``pip install -e .`` installs it), so the
 App, notebooks, tests and worker processes all share one copy of the code.
@@ -24,6 +24,7 @@ from ntt_operators.explain import (  # noqa: E402
     ReviewPredictions,
     ShowReferencePredictions,
 )
+from ntt_operators.panel import NoTimeToTrainPanel  # noqa: E402
 from ntt_operators.references import SampleReferences  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
@@ -40,6 +41,7 @@ OPERATORS = (
     ReviewPredictions,
     ShowReferencePredictions,
     IndexLookAlikes,
+    NoTimeToTrainPanel,
 )
 
 

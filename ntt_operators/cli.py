@@ -449,22 +449,25 @@ def _add_segment(commands: Subcommands) -> None:
 
 def _segment(args: argparse.Namespace) -> int:
     api, dataset = _api(), _load_dataset(args.dataset)
+    from ntt_operators.api.request import RayOptions, SegmentMode, SegmentRequest
+
     # Flags adjust the bank's own settings: a bank only matches the encoder it was built with.
     recorded = NTTConfig.from_dict(api.memory_bank_config(dataset, args.bank)["ntt_config"])
+    request = SegmentRequest(
+        dataset,
+        args.bank,
+        args.label_field,
+        mode=SegmentMode.from_flags(args.overwrite, args.skip_done, args.rescore),
+        reuse_proposals=args.reuse_proposals,
+        backend=args.backend,
+        ray=RayOptions(args.ray_address, args.num_actors, args.gpus_per_actor),
+        exclude_tag=args.ref_tag,
+        config=config_from_args(args, recorded),
+        batch_size=args.batch_size,
+    )
     with terminal.StepProgress() as progress:
         summary = api.segment(
-            dataset,
-            args.bank,
-            args.label_field,
-            exclude_tag=args.ref_tag,
-            overwrite=args.overwrite,
-            skip_done=args.skip_done,
-            rescore=args.rescore,
-            reuse_proposals=args.reuse_proposals,
-            config=config_from_args(args, recorded),
-            batch_size=args.batch_size,
-            progress=progress,
-            **_backend_kwargs(args),
+            dataset, args.bank, args.label_field, progress=progress, **request.segment_kwargs()
         )
     print(segmentation_summary(summary, progress.elapsed()))
     return 0

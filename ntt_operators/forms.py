@@ -14,6 +14,7 @@ import fiftyone.core.stages as fos
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 import torch
+from fiftyone.operators.executor import ExecutionOptions
 
 from ntt_core import NTTError
 from ntt_core.models import resolve_device
@@ -26,7 +27,17 @@ HEAVY = dict(
     allow_delegated_execution=True,
     default_choice_to_delegated=True,
 )
-"""Config options of operators that run the models: delegated by default, immediate possible."""
+"""Config options of operators that run the models: both choices offered; the default is
+chosen per run by ``execution_options``."""
+
+
+def execution_options(large: bool) -> ExecutionOptions:
+    """Execute is the default choice for a small or cached run, Schedule only for a large one."""
+    return ExecutionOptions(
+        allow_immediate_execution=True,
+        allow_delegated_execution=True,
+        default_choice_to_delegated=large,
+    )
 
 
 def param(ctx: foo.ExecutionContext, defaults: dict[str, Any], key: str) -> Any:

@@ -6,11 +6,14 @@ from collections.abc import Iterator
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+from fiftyone.operators.executor import ExecutionOptions
 
 from ntt_core import NTTConfig
 
 from . import api, forms
-from .proposal_cache import cached_proposal_count, clear_proposal_cache
+from .api import loop
+from .api.request import RayOptions, SegmentMode, SegmentRequest
+from .proposal_cache import ProposalCache, cached_proposal_count, clear_proposal_cache
 
 DEFAULTS = {
     "label_field": "ntt_predictions",
@@ -45,6 +48,9 @@ class SegmentWithReferences(foo.Operator):
             execute_as_generator=True,
             **forms.HEAVY,
         )
+
+    def resolve_execution_options(self, ctx: foo.ExecutionContext) -> ExecutionOptions:
+        return forms.execution_options(_needs_models_on_many(ctx))
 
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()
@@ -165,26 +171,52 @@ class SegmentWithReferences(foo.Operator):
         config = NTTConfig.from_dict(api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"])
         if forms.param(ctx, DEFAULTS, "device"):
             config = config.replace(device=forms.param(ctx, DEFAULTS, "device"))
-        steps = api.iter_segment(
+        request = SegmentRequest(
             ctx.target_view(),
             bank_name,
             forms.param(ctx, DEFAULTS, "label_field"),
+            mode=SegmentMode.from_flags(
+                forms.param(ctx, DEFAULTS, "overwrite"),
+                forms.param(ctx, DEFAULTS, "skip_done"),
+                forms.param(ctx, DEFAULTS, "rescore"),
+            ),
+            reuse_proposals=forms.param(ctx, DEFAULTS, "reuse_proposals"),
+            backend=forms.param(ctx, DEFAULTS, "backend"),
+            ray=RayOptions(
+                forms.param(ctx, DEFAULTS, "ray_address") or None,
+                forms.param(ctx, DEFAULTS, "num_actors"),
+                forms.param(ctx, DEFAULTS, "gpus_per_actor"),
+            ),
             exclude_tag=forms.param(ctx, DEFAULTS, "exclude_tag") or None,
-            overwrite=forms.param(ctx, DEFAULTS, "overwrite"),
-            skip_done=forms.param(ctx, DEFAULTS, "skip_done"),
             config=config,
             batch_size=forms.param(ctx, DEFAULTS, "batch_size"),
-            backend=forms.param(ctx, DEFAULTS, "backend"),
-            ray_address=forms.param(ctx, DEFAULTS, "ray_address") or None,
-            num_actors=forms.param(ctx, DEFAULTS, "num_actors"),
-            gpus_per_actor=forms.param(ctx, DEFAULTS, "gpus_per_actor"),
-            reuse_proposals=forms.param(ctx, DEFAULTS, "reuse_proposals"),
-            rescore=forms.param(ctx, DEFAULTS, "rescore"),
+        )
+        steps = api.iter_segment(
+            request.target, bank_name, request.label_field, **request.segment_kwargs()
         )
         return (yield from _with_failure_rows(steps))
 
     def resolve_output(self, ctx: foo.ExecutionContext) -> types.Property:
         return segment_outputs()
+
+
+def _needs_models_on_many(ctx: foo.ExecutionContext) -> bool:
+    """Whether more than ``loop.LARGE_ROUND`` targets need the models: cached proposals are
+    re-scored in seconds, so a cached run counts only the targets without them."""
+    targets = ctx.target_view()
+    exclude_tag = forms.param(ctx, DEFAULTS, "exclude_tag")
+    if exclude_tag:
+        targets = targets.match_tags(exclude_tag, bool=False)
+    if len(targets) <= loop.LARGE_ROUND:
+        return False
+    bank_name = ctx.params.get("bank_name")
+    cached = forms.param(ctx, DEFAULTS, "reuse_proposals")
+    if not (cached and bank_name in api.list_memory_banks(ctx.dataset)):
+        return True
+    config = NTTConfig.from_dict(api.memory_bank_config(ctx.dataset, bank_name)["ntt_config"])
+    sample_ids = targets.values("id")
+    present = ProposalCache(ctx.dataset, config).present(sample_ids)
+    return len(sample_ids) - len(present) > loop.LARGE_ROUND
 
 
 def _backend_fields(ctx: foo.ExecutionContext, inputs: types.Object) -> None:
