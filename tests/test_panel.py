@@ -21,7 +21,7 @@ from ntt_core.coco import json_ready_rle
 from ntt_operators import api
 from ntt_operators.api import loop
 from ntt_operators.api.request import SegmentMode, SegmentRequest
-from ntt_operators.labels import prediction_ids
+from ntt_operators.labels import declare_reasons, prediction_ids
 from ntt_operators.panel import NoTimeToTrainPanel
 from ntt_operators.proposal_cache import ProposalCache
 
@@ -232,6 +232,7 @@ def test_review_puts_the_smallest_margin_first_when_predictions_are_explained(un
     unlabelled.add_sample_field(
         PREDICTIONS, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
     )
+    declare_reasons(unlabelled, PREDICTIONS)  # as a segment run does
     sample = unlabelled.first()
     sample[PREDICTIONS] = fo.Detections(
         detections=[

@@ -32,7 +32,11 @@ from .common import (
 )
 
 ReviewOrder = Literal["margin", "negative"]
-_SORT_KEYS = {"margin": ("margin", False), "negative": ("nearest_negative_similarity", True)}
+REVIEW_ORDERS: dict[str, tuple[str, bool]] = {
+    "margin": ("margin", False),
+    "negative": ("nearest_negative_similarity", True),
+}
+"""Each review order's attribute, and whether its highest value comes first."""
 
 
 def review_view(
@@ -45,10 +49,10 @@ def review_view(
     a negative of the class first (the prediction looks like a known false positive). Predictions
     without the value (a one-class bank has no runner-up; a class without negatives) are left out.
     """
-    if order not in _SORT_KEYS:
+    if order not in REVIEW_ORDERS:
         raise PluginInputError(f"order must be 'margin' or 'negative', got {order!r}")
     require_detections_field(collection, pred_field)
-    attribute, reverse = _SORT_KEYS[order]
+    attribute, reverse = REVIEW_ORDERS[order]
     path = f"{pred_field}.detections.{attribute}"
     if path not in collection.get_field_schema(flat=True):
         raise PluginInputError(

@@ -20,6 +20,8 @@ from ..proposal_cache import ProposalCache
 from .bank import build_memory_bank, memory_bank_config, update_memory_bank
 from .common import PluginInputError, Progress, detection_fields, list_memory_banks
 from .evaluate import evaluate
+from .explain import REVIEW_ORDERS
+from .explain import review_view as explain_view
 from .request import SegmentMode, SegmentRequest
 from .segment import SEGMENT_METHOD, segment_run_key
 
@@ -29,8 +31,6 @@ ROUNDS_KEY = "ntt_rounds"
 ROUND_EVAL_KEY = "ntt_round"
 LARGE_ROUND = 200
 """Targets whose proposals are not cached yet above which a round is offered as a scheduled run."""
-EXPLANATION_SORT = (("margin", False), ("nearest_negative_similarity", True))
-"""Review order: the smallest class margin first, then the closest to a negative."""
 
 
 def create_label_field(
@@ -263,23 +263,17 @@ def _append_history(dataset: fo.Dataset, label_field: str, record: dict[str, Any
 
 
 def review_view(dataset: fo.Dataset, label_field: str) -> tuple[fo.DatasetView, str]:
-    """The predictions of ``label_field`` one patch each, those most worth a look first: the
-    smallest class margin, then the closest to a negative (the explanation attributes); by
-    confidence, lowest first, where the predictions carry no explanation. Returns the view and
-    a sentence saying which order it is."""
-    patches = dataset.to_patches(label_field)
-    explained = [
-        (name, reverse)
-        for name, reverse in EXPLANATION_SORT
-        if patches.count(f"{label_field}.{name}")
-    ]
-    if explained:
-        keys = [(f"{label_field}.{name}", -1 if rev else 1) for name, rev in explained]
-        order = ", then ".join(
-            f"{name} {'highest' if rev else 'lowest'} first" for name, rev in explained
-        )
-        return patches.sort_by(keys), f"Predictions by {order}"
-    view = patches.sort_by(f"{label_field}.confidence")
+    """The predictions of ``label_field`` one patch each, those most worth a look first, in
+    ``explain.review_view``'s order: the smallest class margin or, where the predictions carry
+    none (a one-class bank), the closest to a negative; by confidence, lowest first, where they
+    carry neither. Returns the view and a sentence saying which order it is."""
+    schema = dataset.get_field_schema(flat=True)
+    for order, (attribute, highest_first) in REVIEW_ORDERS.items():
+        path = f"{label_field}.detections.{attribute}"
+        if path in schema and dataset.count(path):
+            words = f"{attribute} {'highest' if highest_first else 'lowest'} first"
+            return explain_view(dataset, label_field, order), f"Predictions by {words}"
+    view = dataset.to_patches(label_field).sort_by(f"{label_field}.confidence")
     return view, (
         "Predictions by confidence, lowest first (they carry no margin or negative similarity "
         "yet: segment with a plugin version that writes explanations)"
