@@ -8,11 +8,13 @@ from typing import Any
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+from fiftyone.operators.executor import ExecutionOptions
 
 from ntt_core import NTTConfig, NTTError
 from ntt_core.registry import CHECKPOINTS, resolve_checkpoint
 
 from . import api, forms
+from .api.loop import LARGE_ROUND
 
 PRESETS = {
     "paper": NTTConfig,
@@ -59,6 +61,15 @@ class BuildMemoryBank(foo.Operator):
             execute_as_generator=True,
             **forms.HEAVY,
         )
+
+    def resolve_execution_options(self, ctx: foo.ExecutionContext) -> ExecutionOptions:
+        # Encoding a few-shot bank takes seconds: only hundreds of references are worth a queue.
+        ref_tag = forms.param(ctx, DEFAULTS, "ref_tag")
+        if forms.param(ctx, DEFAULTS, "tag_type") == "sample":
+            tagged = ctx.dataset.count_sample_tags().get(ref_tag, 0)
+        else:
+            tagged = ctx.dataset.count_label_tags().get(ref_tag, 0)
+        return forms.execution_options(tagged > LARGE_ROUND)
 
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()
@@ -296,6 +307,17 @@ class UpdateMemoryBank(foo.Operator):
             )
             _preview(ctx, inputs, bank_name)
         return types.Property(inputs, view=types.View(label="Update memory bank"))
+
+    def resolve_execution_options(self, ctx: foo.ExecutionContext) -> ExecutionOptions:
+        # An update encodes only what changed: hundreds of new entries are worth a queue.
+        bank_name = ctx.params.get("bank_name")
+        add_fields = forms.param(ctx, UPDATE_DEFAULTS, "accepted_fields") or None
+        try:
+            pending = api.pending_changes(ctx.dataset, bank_name, add_fields)
+        except NTTError:
+            return forms.execution_options(False)  # the form refuses it before it runs
+        added = pending["references_added"] + pending["negatives_added"]
+        return forms.execution_options(added > LARGE_ROUND)
 
     def execute(self, ctx: foo.ExecutionContext) -> dict | Iterator:
         steps = api.iter_update_memory_bank(

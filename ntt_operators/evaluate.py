@@ -5,6 +5,7 @@ from __future__ import annotations
 import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+from fiftyone.operators.executor import ExecutionOptions
 
 from . import api, forms
 
@@ -31,6 +32,10 @@ class EvaluateSegmentations(foo.Operator):
             dynamic=True,
             **forms.HEAVY,
         )
+
+    def resolve_execution_options(self, ctx: foo.ExecutionContext) -> ExecutionOptions:
+        # No model runs: FiftyOne's evaluation takes seconds, so Execute is the default.
+        return forms.execution_options(False)
 
     def resolve_input(self, ctx: foo.ExecutionContext) -> types.Property:
         inputs = types.Object()

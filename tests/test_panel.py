@@ -291,3 +291,25 @@ def test_segment_defaults_to_execute_unless_many_targets_need_the_models(unlabel
     monkeypatch.setattr(loop, "LARGE_ROUND", len(unlabelled) - 1)
     options = operator.resolve_execution_options(ctx)
     assert options.default_choice_to_delegated and options.allow_immediate_execution
+
+
+def test_build_defaults_to_execute_unless_hundreds_of_references_and_evaluate_always(
+    unlabelled, scene_files, monkeypatch
+):
+    from fiftyone.operators.registry import OperatorRegistry
+
+    import ntt_operators.bank
+
+    draw_squares(unlabelled, scene_files, "boxes")
+    unlabelled.tag_labels("reference", label_fields="boxes")
+    registry = OperatorRegistry()
+    ctx = ExecutionContext(request_params={"dataset_name": unlabelled.name, "params": {}})
+
+    def scheduled_by_default(name: str) -> bool:
+        operator = registry.get_operator(f"@ntt/no_time_to_train/{name}")
+        return operator.resolve_execution_options(ctx).default_choice_to_delegated
+
+    assert not scheduled_by_default("build_memory_bank")
+    assert not scheduled_by_default("evaluate_segmentations")
+    monkeypatch.setattr(ntt_operators.bank, "LARGE_ROUND", 1)
+    assert scheduled_by_default("build_memory_bank")
