@@ -142,8 +142,8 @@ def entry_checksum(blob: bytes) -> str | None:
 
 
 class FeatureFile:
-    """Many images' proposal features as float16 rows of one append-only file, read through a
-    memory map: what the negatives screen reads (``NegativesScreen`` widens its margin for the
+    """Many images' proposal features as float16 rows of one append-only file: what the
+    negatives screen reads (``NegativesScreen`` widens its margin for the
     rounding), without the masks and at half the size of the entries' float32 features.
 
     Rows are only appended: an image proposed again gets new rows, and the old ones stay
@@ -153,7 +153,6 @@ class FeatureFile:
     def __init__(self, path: str | Path, channels: int) -> None:
         self.path, self.channels = Path(path), channels
         self._row_bytes = 2 * channels
-        self._map: np.ndarray | None = None
 
     def append(self, features: torch.Tensor) -> int:
         """Appends (P, C) L2-normalised features; returns the index of their first row."""
@@ -170,19 +169,20 @@ class FeatureFile:
         return start
 
     def read(self, start: int, count: int) -> torch.Tensor | None:
-        """(count, C) float16 rows from ``start`` (None: the file does not hold them)."""
-        end = start + count
-        if self._map is None or end > len(self._map):
-            self._map = self._mapped()
-        if end > len(self._map):
+        """(count, C) float16 rows from ``start`` (None: the file does not hold them). Plain
+        reads, not a memory map: a map's pages stay in the process's resident memory, which
+        then grows to the whole file over a round."""
+        rows = bytearray(count * self._row_bytes)
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(start * self._row_bytes)
+                if handle.readinto(rows) < len(rows):
+                    return None
+        except FileNotFoundError:
             return None
-        return torch.from_numpy(np.array(self._map[start:end]))
-
-    def _mapped(self) -> np.ndarray:
-        rows = self.path.stat().st_size // self._row_bytes if self.path.exists() else 0
-        if rows == 0:
-            return np.zeros((0, self.channels), dtype="<f2")
-        return np.memmap(self.path, dtype="<f2", mode="r", shape=(rows, self.channels))
+        if not rows:
+            return torch.zeros(0, self.channels, dtype=torch.float16)
+        return torch.frombuffer(rows, dtype=torch.float16).reshape(count, self.channels)
 
 
 def _valid_layout(blob: bytes, checksum: str, identity: str) -> tuple[dict | None, dict]:
