@@ -532,10 +532,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.eval_key,
         classes=classes,
     )
-    print(f"mAP: {results.mAP(classes=classes):.3f}")
-    note = _api().class_report(results).get("note")
-    if note:
-        print(note)
+    report = _api().class_report(results)
+    if report["mAP"] is not None:
+        print(f"mAP: {results.mAP(classes=classes):.3f}")
+    for sentence in (report.get("no_ground_truth"), report.get("note")):
+        if sentence:
+            print(sentence)
     return 0
 
 

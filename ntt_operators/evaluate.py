@@ -7,7 +7,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone.operators.executor import ExecutionOptions
 
-from . import api, forms
+from . import api, forms, messages
 
 DEFAULTS = {
     "eval_key": "ntt_eval",
@@ -152,27 +152,25 @@ def _ground_truth_check(
 ) -> None:
     """Says, before Execute, when the evaluated samples hold no ground truth, and where it is."""
     tag = api.left_out_tag(ctx.dataset, pred_field)
-    message = forms.refusal(
-        lambda: api.check_ground_truth(
-            ctx.target_view(),
-            pred_field,
-            gt_field,
-            forms.param(ctx, DEFAULTS, "include_unsegmented"),
-        ),
-        {"include_unsegmented": f"Include the samples tagged '{tag}'"},
-    )
+    include_unsegmented = forms.param(ctx, DEFAULTS, "include_unsegmented")
+    message = api.missing_ground_truth(ctx.target_view(), pred_field, gt_field, include_unsegmented)
     if message:
-        notice = inputs.view(
+        # Not a refusal: the FP marks still show every prediction in the evaluation patches.
+        words = {"include_unsegmented": f"Include the samples tagged '{tag}'"}
+        inputs.view(
             "no_ground_truth",
-            types.Warning(label="No ground truth to evaluate against", description=message),
+            types.Warning(
+                label="No ground truth to evaluate against",
+                description=messages.in_form_words(message, words),
+            ),
         )
-        notice.invalid = True
 
 
 def _report_outputs() -> types.Property:
     outputs = types.Object()
     outputs.str("eval_key", label="Evaluation key")
     outputs.float("mAP", label="mAP (IoU 0.50:0.95)")
+    outputs.str("no_ground_truth", label="No ground truth")
     outputs.str("iou_on", label="Instances matched on")
     outputs.str("note", label="Note")
     table = types.TableView()

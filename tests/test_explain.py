@@ -262,13 +262,14 @@ def test_evaluating_targets_without_ground_truth_says_it_is_on_the_references(sc
     tiny = NTTConfig.tiny(weights="random", device="cpu")
     api.build_memory_bank(dataset, "ground_truth", "bank", config=tiny)
     api.segment(dataset, "bank", PREDICTIONS)
-    with pytest.raises(api.PluginInputError, match="samples tagged 'reference'") as refused:
-        api.evaluate(dataset, PREDICTIONS, "ground_truth", "eval")
-    assert "mAP would read -1" in str(refused.value) and "include_unsegmented" in str(refused.value)
-    assert "eval" not in dataset.list_evaluations()
+    report = api.class_report(api.evaluate(dataset, PREDICTIONS, "ground_truth", "eval"))
+    assert report["mAP"] is None  # not FiftyOne's -1
+    assert "samples tagged 'reference'" in report["no_ground_truth"]
+    assert "include_unsegmented" in report["no_ground_truth"]
     # The choice offered: the references' objects count as missed, a real (low) mAP.
     results = api.evaluate(dataset, PREDICTIONS, "ground_truth", "eval", include_unsegmented=True)
-    assert results.mAP() >= 0
+    report = api.class_report(results)
+    assert results.mAP() >= 0 and report["mAP"] >= 0 and "no_ground_truth" not in report
     # What FiftyOne's Model Evaluation panel lists: evaluations with stored results, by type.
     config = dataset.get_evaluation_info("eval").config
     assert (config.type, config.method) == ("detection", "coco")

@@ -39,11 +39,11 @@ from .common import (
 )
 from .evaluate import (
     check_evaluation,
-    check_ground_truth,
     class_report,
     evaluate,
     fields_without_masks,
     left_out_tag,
+    missing_ground_truth,
     segmented_samples,
 )
 from .references import check_sampling, reference_view, sample_references
@@ -66,7 +66,7 @@ __all__ = [
     "PluginInputError",
     "build_memory_bank",
     "check_evaluation",
-    "check_ground_truth",
+    "missing_ground_truth",
     "check_new_bank_name",
     "check_output_field",
     "check_references",

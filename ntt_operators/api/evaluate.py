@@ -44,7 +44,6 @@ def evaluate(
     check_evaluation(dataset_or_view, pred_field, gt_field, eval_key, overwrite)
     # Whether a field has masks is a property of the field, not of the samples evaluated.
     use_masks = not fields_without_masks(root_dataset(dataset_or_view), [pred_field, gt_field])
-    check_ground_truth(dataset_or_view, pred_field, gt_field, include_unsegmented)
     if not include_unsegmented:
         dataset_or_view = segmented_samples(dataset_or_view, pred_field)
     unscored = dataset_or_view.count(f"{pred_field}.detections") - dataset_or_view.count(
@@ -106,32 +105,33 @@ def check_evaluation(
         raise PluginInputError(f"Key {eval_key!r} is taken by another kind of run; pick a new one")
 
 
-def check_ground_truth(
+def missing_ground_truth(
     dataset_or_view: Collection, pred_field: str, gt_field: str, include_unsegmented: bool
-) -> None:
-    """Refuses an evaluation of samples that hold no ground truth (its mAP would read -1), and
-    says where the ground truth is: often all of it is on the references, which are left out."""
+) -> str | None:
+    """Why an evaluation of these samples has nothing to score the predictions against (its mAP
+    reads -1), and the choices; None when they hold ground truth. Often all of it is on the
+    references, which the segmentation left out."""
     evaluated = (
         dataset_or_view if include_unsegmented else segmented_samples(dataset_or_view, pred_field)
     )
     if evaluated.count(f"{gt_field}.detections"):
-        return
+        return None
     tag = left_out_tag(dataset_or_view, pred_field)
     on_left_out = dataset_or_view.count(f"{gt_field}.detections")
     if on_left_out and not include_unsegmented and tag:
-        raise PluginInputError(
+        return (
             f"The {len(evaluated)} segmented sample(s) hold no ground truth in {gt_field!r}: "
             f"all {on_left_out} of its labels are on the samples tagged {tag!r}, which the "
-            "segmentation left out, so there is nothing to score the predictions against (mAP "
-            f"would read -1). Either label some segmented samples in {gt_field!r} (accepting "
+            "segmentation left out, so no mAP can be computed and every prediction counts as a "
+            f"false positive. Either label some segmented samples in {gt_field!r} (accepting "
             f"correct predictions counts), or include the samples tagged {tag!r} "
             "(include_unsegmented=True; their objects were never predicted, so they count as "
             "missed)"
         )
-    raise PluginInputError(
-        f"The evaluated samples hold no ground truth in {gt_field!r}, so there is nothing to "
-        f"score the predictions against (mAP would read -1). Label some of them in {gt_field!r} "
-        "first, or pick the field that holds the ground truth"
+    return (
+        f"The evaluated samples hold no ground truth in {gt_field!r}, so no mAP can be computed "
+        f"and every prediction counts as a false positive. Label some of them in {gt_field!r}, "
+        "or pick the field that holds the ground truth"
     )
 
 
@@ -169,12 +169,20 @@ def class_report(results: fo.core.evaluation.EvaluationResults) -> dict[str, Any
             }
         )
     config = results.config
+    # The samples evaluated are already those chosen: the sentence looks at the whole dataset.
+    missing = missing_ground_truth(
+        root_dataset(results.samples), config.pred_field, config.gt_field, False
+    )
+    if missing and results.samples.count(f"{config.gt_field}.detections"):
+        missing = None  # include_unsegmented: the references' ground truth was scored
     report = {
         "eval_key": results.key,
-        "mAP": round(float(results.mAP()), 4),
+        "mAP": None if missing else round(float(results.mAP()), 4),
         "iou_on": "masks" if config.use_masks else "boxes",
         "classes": rows,
     }
+    if missing:
+        report["no_ground_truth"] = missing
     if not config.use_masks:
         fields = [config.pred_field, config.gt_field]
         boxes = fields_without_masks(root_dataset(results.samples), fields)
