@@ -19,7 +19,7 @@ from ntt_core import NTTConfig
 from ..proposal_cache import ProposalCache
 from .bank import build_memory_bank, memory_bank_config, update_memory_bank
 from .common import PluginInputError, Progress, detection_fields, list_memory_banks
-from .evaluate import evaluate
+from .evaluate import class_report, evaluate
 from .explain import REVIEW_ORDERS
 from .explain import review_view as explain_view
 from .request import SegmentMode, SegmentRequest
@@ -244,9 +244,9 @@ def _predictions(dataset: fo.Dataset, label_field: str) -> dict[str, tuple]:
     return {i: (label, score) for i, label, score in zip(ids, labels, scores)}
 
 
-def _map(dataset: fo.Dataset, label_field: str, gt_field: str) -> float:
-    results = evaluate(dataset, label_field, gt_field, ROUND_EVAL_KEY)
-    return round(float(results.mAP()), 4)
+def _map(dataset: fo.Dataset, label_field: str, gt_field: str) -> float | None:
+    """The round's mAP; None where the segmented samples hold no ground truth."""
+    return class_report(evaluate(dataset, label_field, gt_field, ROUND_EVAL_KEY))["mAP"]
 
 
 def round_history(dataset: fo.Dataset, label_field: str) -> list[dict[str, Any]]:
