@@ -313,3 +313,18 @@ def test_build_defaults_to_execute_unless_hundreds_of_references_and_evaluate_al
     assert not scheduled_by_default("evaluate_segmentations")
     monkeypatch.setattr(ntt_operators.bank, "LARGE_ROUND", 1)
     assert scheduled_by_default("build_memory_bank")
+
+
+def test_a_round_reports_its_map_and_none_where_the_targets_hold_no_ground_truth(scene_dataset):
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    first = loop.run_round(
+        scene_dataset, "bank", ["ground_truth"], PREDICTIONS, TINY, gt_field="ground_truth"
+    )
+    assert 0 <= first["mAP"] <= 1
+    references = scene_dataset.match_labels(tags="reference")
+    targets = scene_dataset.exclude(references.values("id"))
+    targets.set_values("ground_truth", [None] * len(targets))
+    second = loop.run_round(
+        scene_dataset, "bank", ["ground_truth"], PREDICTIONS, TINY, gt_field="ground_truth"
+    )
+    assert second["mAP"] is None  # FiftyOne's mAP would read -1
