@@ -215,7 +215,8 @@ def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_file
 
     text = session.call("review")
     assert "set_view" in " ".join(session.ops)
-    assert "Predictions by confidence, lowest first" in text  # no explanation attributes yet
+    # One class: no runner-up, so no margin; the negative gives every prediction its similarity.
+    assert "Predictions by nearest_negative_similarity highest first" in text, text
 
 
 def test_a_failed_round_is_one_sentence_in_the_panel(unlabelled, scene_files):
