@@ -33,6 +33,7 @@ from .common import (
     detection_fields,
     drive_steps,
     load_predictor,
+    register_run,
     require_bank,
     require_detections_field,
     require_free_run_key,
@@ -547,7 +548,7 @@ def _store(
         ntt_config=config.to_dict(),
     )
     # register_run before init_run_results: results can only attach to a registered key.
-    dataset.select(sample_ids).register_run(bank_name, run_config, overwrite=overwrite)
+    register_run(dataset.select(sample_ids), bank_name, run_config, overwrite)
     dataset.save_run_results(bank_name, dataset.init_run_results(bank_name, bank=bank.to_bytes()))
 
 

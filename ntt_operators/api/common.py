@@ -69,6 +69,22 @@ def root_dataset(dataset_or_view: Collection) -> fo.Dataset:
     return dataset_or_view._root_dataset
 
 
+REGISTER_TRIES = 5
+
+
+def register_run(collection: Collection, run_key: str, run_config: Any, overwrite: bool) -> None:
+    """``collection.register_run``, checked and retried. The App server keeps one object per
+    dataset and reloads it from other threads (each App request) while an operator runs; a
+    reload between FiftyOne's in-memory change and its save drops the run, which then fails as
+    "Dataset has no run key ..." right after it was registered."""
+    dataset = root_dataset(collection)
+    for _ in range(REGISTER_TRIES):
+        collection.register_run(run_key, run_config, overwrite=overwrite)
+        if run_key in dataset.list_runs():
+            return
+    raise NTTError(f"Run {run_key!r} could not be recorded in the dataset; run it again")
+
+
 def source_samples(collection: Collection) -> Collection:
     """The samples behind a patches view (the evaluation patches a curator corrects in, say);
     any other collection as it is. Every step works on whole samples."""

@@ -39,6 +39,7 @@ from .common import (
     drive_steps,
     holds_detections,
     load_predictor,
+    register_run,
     root_dataset,
     source_samples,
 )
@@ -187,7 +188,7 @@ def iter_segment(
             ntt_config=config.to_dict(),
         )
         # The record says "running" before the field changes, so a partial field never looks done.
-        targets.register_run(run_key, run_config, overwrite=True)
+        register_run(targets, run_key, run_config, overwrite=True)
         recorded_stamps = stamping.record() if stamping else {}
         _save_status(
             dataset,
