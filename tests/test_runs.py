@@ -5,7 +5,7 @@ from __future__ import annotations
 import fiftyone as fo
 import pytest
 
-from ntt_operators.api.common import register_run
+from ntt_operators.api.runs import has_run, load_results, register_run, run_info, save_results
 
 
 @pytest.fixture
@@ -45,3 +45,41 @@ def test_the_race_is_real_without_the_check(dataset, monkeypatch):
     reload_once_before_saving(dataset, monkeypatch)
     dataset.register_run("ntt_run", config, overwrite=True)
     assert "ntt_run" not in dataset.list_runs()
+
+
+def forget_runs_in_memory(dataset: fo.Dataset) -> None:
+    """What a concurrent reload that read the database just before a run was saved leaves: an
+    object whose runs lack one the database holds."""
+    for key in dataset.list_runs():
+        del dataset._doc.runs[key]
+
+
+@pytest.fixture
+def recorded_run(dataset):
+    register_run(dataset, "ntt_run", dataset.init_run(method="ntt_test"), overwrite=True)
+    save_results(dataset, "ntt_run", status="running")
+    forget_runs_in_memory(dataset)
+    return "ntt_run"
+
+
+def test_an_object_behind_the_database_finds_its_runs_again(dataset, recorded_run):
+    assert has_run(dataset, recorded_run, "ntt_test")
+    forget_runs_in_memory(dataset)
+    assert run_info(dataset, recorded_run).config.method == "ntt_test"
+    forget_runs_in_memory(dataset)
+    assert load_results(dataset, recorded_run).status == "running"
+    forget_runs_in_memory(dataset)
+    save_results(dataset, recorded_run, status="completed")
+    assert load_results(dataset, recorded_run).status == "completed"
+
+
+def test_fiftyone_alone_fails_on_an_object_behind_the_database(dataset, recorded_run):
+    with pytest.raises(ValueError, match="has no run key"):
+        dataset.load_run_results(recorded_run, cache=False)
+    assert recorded_run not in dataset.list_runs()
+
+
+def test_a_run_never_recorded_is_still_missing(dataset):
+    assert not has_run(dataset, "ntt_other")
+    with pytest.raises(ValueError, match="has no run key"):
+        load_results(dataset, "ntt_other")

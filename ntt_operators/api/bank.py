@@ -33,7 +33,6 @@ from .common import (
     detection_fields,
     drive_steps,
     load_predictor,
-    register_run,
     require_bank,
     require_detections_field,
     require_free_run_key,
@@ -44,6 +43,7 @@ from .common import (
 )
 from .explain import reference_blame
 from .references import reference_view
+from .runs import load_results, register_run, run_info, save_results
 
 FieldOrFields = str | list[str]
 
@@ -549,7 +549,7 @@ def _store(
     )
     # register_run before init_run_results: results can only attach to a registered key.
     register_run(dataset.select(sample_ids), bank_name, run_config, overwrite)
-    dataset.save_run_results(bank_name, dataset.init_run_results(bank_name, bank=bank.to_bytes()))
+    save_results(dataset, bank_name, bank=bank.to_bytes())
 
 
 def _describe(bank: MemoryBank) -> str:
@@ -654,8 +654,7 @@ Segment form's 'overwrite' is another option than the Build form's)."""
 
 def load_memory_bank(dataset: fo.Dataset, bank_name: str) -> MemoryBank:
     require_bank(dataset, bank_name)
-    results = dataset.load_run_results(bank_name, cache=False, load_view=False)
-    blob = getattr(results, "bank", None)
+    blob = getattr(load_results(dataset, bank_name), "bank", None)
     if not isinstance(blob, bytes):
         raise BankError(
             f"Memory bank {bank_name!r} has no stored data (its build was interrupted?); {REBUILD}"
@@ -665,7 +664,7 @@ def load_memory_bank(dataset: fo.Dataset, bank_name: str) -> MemoryBank:
     except BankError as error:
         message = f"Memory bank {bank_name!r}: {error}; {REBUILD}"
         raise BankError(message) from error
-    recorded = dataset.get_run_info(bank_name).config
+    recorded = run_info(dataset, bank_name).config
     if (bank.classes, bank.encoder) != (list(recorded.classes), recorded.encoder):
         # The stored bytes were swapped or edited after the build: refuse rather than guess.
         raise BankMismatchError(
@@ -678,7 +677,7 @@ def load_memory_bank(dataset: fo.Dataset, bank_name: str) -> MemoryBank:
 def memory_bank_config(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
     """What was recorded when the bank was built (fields, tag, models, reference ids)."""
     require_bank(dataset, bank_name)
-    config = dict(dataset.get_run_info(bank_name).config.serialize())
+    config = dict(run_info(dataset, bank_name).config.serialize())
     config.pop("cls", None)
     config.pop("type", None)
     return config
@@ -742,7 +741,7 @@ def memory_bank_info(dataset: fo.Dataset, bank_name: str) -> dict[str, Any]:
         "negatives_per_class": bank.negatives_per_class,
         "masks_from_boxes": recorded["masks_from_boxes"],
         "ntt_config": recorded["ntt_config"],
-        "created": str(dataset.get_run_info(bank_name).timestamp),
+        "created": str(run_info(dataset, bank_name).timestamp),
         "quality": per_class,
         "blame": reference_blame(dataset, bank_name, bank),
     }

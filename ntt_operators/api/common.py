@@ -16,6 +16,8 @@ import fiftyone as fo
 from ntt_core import NTTConfig, NTTError, NTTPredictor
 from ntt_core.errors import BankError
 
+from .runs import has_run
+
 Collection = fo.core.collections.SampleCollection
 Progress = Callable[[float, str], None]
 Steps = Generator[tuple[float, str], None, Any]
@@ -69,22 +71,6 @@ def root_dataset(dataset_or_view: Collection) -> fo.Dataset:
     return dataset_or_view._root_dataset
 
 
-REGISTER_TRIES = 5
-
-
-def register_run(collection: Collection, run_key: str, run_config: Any, overwrite: bool) -> None:
-    """``collection.register_run``, checked and retried. The App server keeps one object per
-    dataset and reloads it from other threads (each App request) while an operator runs; a
-    reload between FiftyOne's in-memory change and its save drops the run, which then fails as
-    "Dataset has no run key ..." right after it was registered."""
-    dataset = root_dataset(collection)
-    for _ in range(REGISTER_TRIES):
-        collection.register_run(run_key, run_config, overwrite=overwrite)
-        if run_key in dataset.list_runs():
-            return
-    raise NTTError(f"Run {run_key!r} could not be recorded in the dataset; run it again")
-
-
 def source_samples(collection: Collection) -> Collection:
     """The samples behind a patches view (the evaluation patches a curator corrects in, say);
     any other collection as it is. Every step works on whole samples."""
@@ -134,9 +120,9 @@ def require_run_key(key: str, what: str) -> None:
 def require_free_run_key(
     dataset: fo.Dataset, key: str, method: str, overwrite: bool, what: str
 ) -> None:
-    if key not in dataset.list_runs():
+    if not has_run(dataset, key):
         return
-    if key not in dataset.list_runs(method=method):
+    if not has_run(dataset, key, method):
         raise PluginInputError(f"Run key {key!r} is taken by another kind of run; pick a new name")
     if not overwrite:
         raise PluginInputError(
@@ -150,7 +136,7 @@ def list_memory_banks(dataset: fo.Dataset) -> list[str]:
 
 
 def require_bank(dataset: fo.Dataset, bank_name: str) -> None:
-    if bank_name not in list_memory_banks(dataset):
+    if not has_run(dataset, bank_name, BANK_METHOD):
         raise BankError(
             f"No memory bank named {bank_name!r} on dataset {dataset.name!r}; "
             f"existing banks: {list_memory_banks(dataset)}. Build one with 'Build memory bank'"

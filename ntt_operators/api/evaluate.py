@@ -16,6 +16,7 @@ from .common import (
     root_dataset,
     source_samples,
 )
+from .runs import has_run, run_info
 from .segment import segment_run_key
 
 
@@ -139,9 +140,9 @@ def left_out_tag(dataset_or_view: Collection, pred_field: str) -> str | None:
     """The tag of the samples the segment run of ``pred_field`` left out (None: no record)."""
     dataset = root_dataset(dataset_or_view)
     run_key = segment_run_key(pred_field)
-    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+    if not has_run(dataset, run_key, SEGMENT_METHOD):
         return None
-    return dataset.get_run_info(run_key).config.exclude_tag or None
+    return run_info(dataset, run_key).config.exclude_tag or None
 
 
 def segmented_samples(dataset_or_view: Collection, pred_field: str) -> Collection:

@@ -30,6 +30,7 @@ from .common import (
     require_detections_field,
     root_dataset,
 )
+from .runs import has_run, run_info
 
 ReviewOrder = Literal["margin", "negative"]
 REVIEW_ORDERS: dict[str, tuple[str, bool]] = {
@@ -106,7 +107,7 @@ def _fields_of_bank(dataset: fo.Dataset, bank_name: str) -> list[str]:
     schema = dataset.get_field_schema(flat=True)
     fields = []
     for key in dataset.list_runs(method=SEGMENT_METHOD):
-        config = dataset.get_run_info(key).config
+        config = run_info(dataset, key).config
         field = config.label_field
         if config.bank_name == bank_name and f"{field}.detections.nearest_reference" in schema:
             fields.append(field)
@@ -245,9 +246,9 @@ def _segment_config(dataset: fo.Dataset, pred_field: str) -> NTTConfig:
     from .segment import segment_run_key  # segment -> bank -> this module: imported late
 
     run_key = segment_run_key(pred_field)
-    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+    if not has_run(dataset, run_key, SEGMENT_METHOD):
         raise PluginInputError(
             f"Field {pred_field!r} was not segmented by this plugin: there are no cached "
             "features to index"
         )
-    return NTTConfig.from_dict(dataset.get_run_info(run_key).config.ntt_config)
+    return NTTConfig.from_dict(run_info(dataset, run_key).config.ntt_config)

@@ -27,6 +27,7 @@ from ntt_core.cache import negatives_added_since, proposal_identity, scoring_sta
 from ntt_core.matching import NegativesScreen
 
 from ..proposal_cache import ProposalCache
+from .runs import has_run, load_results
 
 KEPT_STATES = 16
 """Scoring states a field's run remembers (one per round, newest kept)."""
@@ -153,7 +154,7 @@ def plan_stamping(
 
 
 def _previous_results(dataset: fo.Dataset, run_key: str) -> dict[str, Any]:
-    if run_key not in dataset.list_runs():
+    if not has_run(dataset, run_key):
         return {}
-    results = dataset.load_run_results(run_key, cache=False, load_view=False)
+    results = load_results(dataset, run_key)
     return {k: getattr(results, k, None) for k in ("status", "epoch", "scoring_states")}

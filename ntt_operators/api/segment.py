@@ -39,11 +39,11 @@ from .common import (
     drive_steps,
     holds_detections,
     load_predictor,
-    register_run,
     root_dataset,
     source_samples,
 )
 from .rescore import Screen, Stamping, plan_stamping
+from .runs import has_run, load_results, register_run, run_info, save_results
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 UNCHANGED = object()
@@ -488,7 +488,7 @@ def check_backend(backend: str, num_actors: int, reuse_proposals: bool) -> None:
 def segmented_fields(dataset: fo.Dataset) -> list[str]:
     """The fields this plugin has written predictions to, newest first."""
     keys = dataset.list_runs(method=SEGMENT_METHOD)
-    infos = sorted((dataset.get_run_info(k) for k in keys), key=lambda i: i.timestamp)
+    infos = sorted((run_info(dataset, k) for k in keys), key=lambda i: i.timestamp)
     return [info.config.label_field for info in reversed(infos)]
 
 
@@ -499,16 +499,15 @@ def segment_status(dataset: fo.Dataset, label_field: str) -> dict[str, Any] | No
     or ``failed`` (then ``error`` says why). ``processed``: the samples written or found
     unchanged."""
     run_key = segment_run_key(label_field)
-    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+    if not has_run(dataset, run_key, SEGMENT_METHOD):
         return None
-    results = dataset.load_run_results(run_key, cache=False, load_view=False)
+    results = load_results(dataset, run_key)
     status = {"status": results.status, **{k: getattr(results, k) for k in _COUNTS}}
     return status | ({"error": results.error} if results.status == FAILED else {})
 
 
 def _save_status(dataset: fo.Dataset, run_key: str, status: str, **counts: Any) -> None:
-    results = dataset.init_run_results(run_key, status=status, **counts)
-    dataset.save_run_results(run_key, results, overwrite=True, cache=False)
+    save_results(dataset, run_key, status=status, **counts)
 
 
 def check_output_field(
@@ -552,7 +551,7 @@ def _check_output_field(
             "overwrite=True starts the field afresh, skip_done=True continues it and "
             "rescore=True updates it in place: choose one"
         )
-    ours = segment_run_key(label_field) in dataset.list_runs(method=SEGMENT_METHOD)
+    ours = has_run(dataset, segment_run_key(label_field), SEGMENT_METHOD)
     if label_field in ref_fields and not (rescore and ours):
         # Its references (accepted predictions included) would be deleted or mixed up.
         hint = " (or rescore=True to update it in place)" if ours else ""
@@ -581,12 +580,12 @@ def _check_output_field(
 
 
 def _require_same_bank(dataset: fo.Dataset, run_key: str, label_field: str, bank: str) -> None:
-    if run_key not in dataset.list_runs(method=SEGMENT_METHOD):
+    if not has_run(dataset, run_key, SEGMENT_METHOD):
         raise PluginInputError(
             f"Field {label_field!r} was not written by this plugin, so it cannot be continued; "
             "set overwrite=True instead, or pick a new name"
         )
-    recorded = dataset.get_run_info(run_key).config.bank_name
+    recorded = run_info(dataset, run_key).config.bank_name
     if recorded != bank:
         raise PluginInputError(
             f"Field {label_field!r} was written with memory bank {recorded!r}, not {bank!r}; "
