@@ -201,18 +201,20 @@ class RLEMasks:
 
     def overlap_over_self(self, labels: torch.Tensor) -> torch.Tensor:
         """(P, P) ``|M_i ∩ M_j| / |M_i|`` for same-class pairs j < i; 0 elsewhere."""
-        overlap = torch.zeros(len(self), len(self), dtype=torch.float64)
-        labels = labels.cpu()
-        for label in labels.unique().tolist():
-            members = torch.nonzero(labels == label).flatten()
+        # NumPy, not torch: these are many tiny arrays, where torch's per-op threading costs
+        # milliseconds each on a busy CPU.
+        overlap = np.zeros((len(self), len(self)), dtype=np.float64)
+        labels = labels.cpu().numpy()
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
             if len(members) < 2:
                 continue
-            rles = [self.encoded[i] for i in members.tolist()]
+            rles = [self.encoded[i] for i in members]
             # pycocotools' crowd IoU is |dt ∩ gt| / |dt|: exactly the intersection-over-self.
             crowd = np.ones(len(rles), dtype=np.uint8)
-            ios = torch.from_numpy(np.asarray(mask_utils.iou(rles, rles, crowd), dtype=np.float64))
-            overlap[members[:, None], members[None, :]] = ios.tril(diagonal=-1)
-        return overlap
+            ios = np.asarray(mask_utils.iou(rles, rles, crowd), dtype=np.float64)
+            overlap[np.ix_(members, members)] = np.tril(ios, -1)
+        return torch.from_numpy(overlap)
 
     def boxes_xyxy(self) -> np.ndarray:
         return rle_boxes_xyxy(self.encoded)
