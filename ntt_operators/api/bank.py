@@ -42,8 +42,8 @@ from .common import (
     source_samples,
 )
 from .explain import reference_blame
+from .records import load_results, register_run, run_info, save_results
 from .references import reference_view
-from .runs import load_results, register_run, run_info, save_results
 
 FieldOrFields = str | list[str]
 

@@ -16,7 +16,7 @@ import fiftyone as fo
 from ntt_core import NTTConfig, NTTError, NTTPredictor
 from ntt_core.errors import BankError
 
-from .runs import has_run
+from .records import has_run
 
 Collection = fo.core.collections.SampleCollection
 Progress = Callable[[float, str], None]

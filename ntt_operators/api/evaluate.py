@@ -16,7 +16,7 @@ from .common import (
     root_dataset,
     source_samples,
 )
-from .runs import has_run, run_info
+from .records import has_run, run_info
 from .segment import segment_run_key
 
 

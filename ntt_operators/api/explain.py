@@ -30,7 +30,7 @@ from .common import (
     require_detections_field,
     root_dataset,
 )
-from .runs import has_run, run_info
+from .records import has_run, run_info
 
 ReviewOrder = Literal["margin", "negative"]
 REVIEW_ORDERS: dict[str, tuple[str, bool]] = {

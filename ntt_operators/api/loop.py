@@ -16,18 +16,22 @@ import fiftyone as fo
 
 from ntt_core import NTTConfig
 
+from ..messages import sentence
 from ..proposal_cache import ProposalCache
-from .bank import build_memory_bank, memory_bank_config, update_memory_bank
-from .common import PluginInputError, Progress, detection_fields, list_memory_banks
+from .bank import iter_build_memory_bank, iter_update_memory_bank, memory_bank_config
+from .common import BANK_METHOD, PluginInputError, Progress, Steps, detection_fields, drive_steps
 from .evaluate import class_report, evaluate
 from .explain import REVIEW_ORDERS
 from .explain import review_view as explain_view
+from .records import has_run, run_info, update_info
 from .request import SegmentMode, SegmentRequest
-from .segment import SEGMENT_METHOD, segment_run_key
+from .segment import SEGMENT_METHOD, segment_run_key, segmented_fields
 
 REFERENCE, NEGATIVE = "reference", "negative"
 ROUNDS_KEY = "ntt_rounds"
 """``dataset.info[ROUNDS_KEY][label_field]``: the rounds run into that field, oldest first."""
+FAILURES_KEY = "ntt_round_failures"
+"""``dataset.info[FAILURES_KEY][label_field]``: why the last round into that field failed."""
 ROUND_EVAL_KEY = "ntt_round"
 LARGE_ROUND = 200
 """Targets whose proposals are not cached yet above which a round is offered as a scheduled run."""
@@ -148,6 +152,14 @@ def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
+def predictions_of_bank(dataset: fo.Dataset, bank_name: str) -> str | None:
+    """The newest field segmented with ``bank_name`` (None: none yet)."""
+    for field in segmented_fields(dataset):
+        if run_info(dataset, segment_run_key(field)).config.bank_name == bank_name:
+            return field
+    return None
+
+
 def plan_round(
     dataset: fo.Dataset,
     bank_name: str,
@@ -158,11 +170,11 @@ def plan_round(
     """What the next round will do: build or update the bank, the segmentation mode, how many
     targets and how many of them still need the models (no cached proposals), and whether the
     round is large enough to be scheduled rather than run now."""
-    build = bank_name not in list_memory_banks(dataset)
+    build = not has_run(dataset, bank_name, BANK_METHOD)
     if not build:
         config = NTTConfig.from_dict(memory_bank_config(dataset, bank_name)["ntt_config"])
     config = config or NTTConfig()
-    ours = segment_run_key(label_field) in dataset.list_runs(method=SEGMENT_METHOD)
+    ours = has_run(dataset, segment_run_key(label_field), SEGMENT_METHOD)
     mode = (
         SegmentMode.RESCORE if ours and dataset.has_sample_field(label_field) else SegmentMode.NEW
     )
@@ -193,22 +205,67 @@ def run_round(
     every untagged sample into ``label_field``: the first time with proposals cached, later
     re-scored in place from the cache (ids and tags kept). With ``gt_field``, evaluates the
     field against it. The round's summary is appended to the field's history and returned."""
+    steps = iter_run_round(dataset, bank_name, ref_fields, label_field, config, gt_field)
+    return drive_steps(steps, progress)
+
+
+BANK_SHARE = 0.2
+"""The part of a round's progress bar the bank takes (segmentation takes the rest)."""
+
+
+def iter_run_round(
+    dataset: fo.Dataset,
+    bank_name: str,
+    ref_fields: list[str],
+    label_field: str,
+    config: NTTConfig | None = None,
+    gt_field: str | None = None,
+) -> Steps:
+    """``run_round`` as progress steps; returns the round's summary. A failure is recorded for
+    the field (``round_failure``) before it is raised, so the panel shows it whoever ran the
+    round (a scheduled run, a script), until a round succeeds."""
+    iteration = len(round_history(dataset, label_field)) + 1
+    try:
+        return (yield from _round(dataset, bank_name, ref_fields, label_field, config, gt_field))
+    except Exception as error:
+        _record_failure(dataset, label_field, f"Round {iteration} failed: {sentence(error)}")
+        raise
+
+
+def _round(
+    dataset: fo.Dataset,
+    bank_name: str,
+    ref_fields: list[str],
+    label_field: str,
+    config: NTTConfig | None,
+    gt_field: str | None,
+) -> Steps:
     started = time.perf_counter()
     plan = plan_round(dataset, bank_name, label_field, config)
+    step = f"Round {plan['iteration']}"
     if plan["build"]:
-        bank = build_memory_bank(dataset, ref_fields, bank_name, config=config, progress=progress)
+        bank = yield from _within(
+            iter_build_memory_bank(dataset, ref_fields, bank_name, config=config),
+            0.0,
+            BANK_SHARE,
+            step,
+        )
         references, negatives = len(bank), len(bank.negative_ids)
         added = references + negatives
     else:
         accepted = accepted_fields(dataset, label_field)
-        update = update_memory_bank(dataset, bank_name, add_fields=accepted, progress=progress)
+        update = yield from _within(
+            iter_update_memory_bank(dataset, bank_name, add_fields=accepted), 0.0, BANK_SHARE, step
+        )
         references, negatives = update["references"], update["negatives"]
         added = len(update["added"])
     before = _predictions(dataset, label_field)
     request = SegmentRequest(dataset, bank_name, label_field, plan["mode"], reuse_proposals=True)
-    summary = request.run(progress)
+    summary = yield from _within(request.steps(), BANK_SHARE, 1.0, step)
     after = _predictions(dataset, label_field)
     changed = sum(1 for i, row in after.items() if i in before and before[i] != row)
+    if gt_field:
+        yield 1.0, f"{step}: evaluating {label_field!r} against {gt_field!r}"
     record = {
         "iteration": plan["iteration"],
         "mode": plan["mode"].value,
@@ -224,7 +281,22 @@ def run_round(
         "mAP": _map(dataset, label_field, gt_field) if gt_field else None,
     }
     _append_history(dataset, label_field, record)
+    yield 1.0, f"{step} done"
     return record
+
+
+def _within(steps: Steps, start: float, end: float, round_name: str) -> Steps:
+    """The steps named after their round, their fractions mapped into [start, end] of it; closed
+    with it, so a cancelled round still lets them clean up (write the samples segmented)."""
+    try:
+        while True:
+            try:
+                fraction, label = next(steps)
+            except StopIteration as done:
+                return done.value
+            yield start + (end - start) * fraction, f"{round_name}: {label}"
+    finally:
+        steps.close()
 
 
 def _has_tagged(dataset: fo.Dataset, field_name: str, tag: str) -> bool:
@@ -254,12 +326,27 @@ def round_history(dataset: fo.Dataset, label_field: str) -> list[dict[str, Any]]
     return list((dataset.info.get(ROUNDS_KEY) or {}).get(label_field) or [])
 
 
+def round_failure(dataset: fo.Dataset, label_field: str) -> str | None:
+    """Why the last round into ``label_field`` failed, in one sentence; None once a round
+    succeeded since."""
+    return (dataset.info.get(FAILURES_KEY) or {}).get(label_field)
+
+
 def _append_history(dataset: fo.Dataset, label_field: str, record: dict[str, Any]) -> None:
-    dataset.reload()
-    rounds = dict(dataset.info.get(ROUNDS_KEY) or {})
-    rounds[label_field] = [*rounds.get(label_field, []), record]
-    dataset.info[ROUNDS_KEY] = rounds
-    dataset.save()
+    def appended(rounds: dict | None) -> dict:
+        rounds = dict(rounds or {})
+        return rounds | {label_field: [*rounds.get(label_field, []), record]}
+
+    update_info(dataset, ROUNDS_KEY, appended)
+    update_info(dataset, FAILURES_KEY, lambda failures: _without(failures, label_field))
+
+
+def _record_failure(dataset: fo.Dataset, label_field: str, text: str) -> None:
+    update_info(dataset, FAILURES_KEY, lambda failures: {**(failures or {}), label_field: text})
+
+
+def _without(mapping: dict | None, key: str) -> dict:
+    return {k: v for k, v in (mapping or {}).items() if k != key}
 
 
 def review_view(dataset: fo.Dataset, label_field: str) -> tuple[fo.DatasetView, str]:

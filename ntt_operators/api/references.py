@@ -15,6 +15,7 @@ from .common import (
     root_dataset,
     source_samples,
 )
+from .records import update_info
 
 
 def sample_references(
@@ -55,13 +56,11 @@ def sample_references(
         dataset_or_view.select_labels(ids=chosen, fields=gt_field).tag_labels(
             tag, label_fields=gt_field
         )
-    record = dataset.info.get(_PLACED_KEY, {})
-    record[tag] = {
+    placed_now = {
         "labels": sorted(set(placed["labels"]) | (set(chosen) if tag_labels else set())),
         "samples": sorted(set(placed["samples"]) | (set(sample_ids) if tag_samples else set())),
     }
-    dataset.info[_PLACED_KEY] = record
-    dataset.save()
+    update_info(dataset, _PLACED_KEY, lambda record: {**(record or {}), tag: placed_now})
     return label_ids
 
 

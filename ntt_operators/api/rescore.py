@@ -27,7 +27,7 @@ from ntt_core.cache import negatives_added_since, proposal_identity, scoring_sta
 from ntt_core.matching import NegativesScreen
 
 from ..proposal_cache import ProposalCache
-from .runs import has_run, load_results
+from .records import has_run, load_results
 
 KEPT_STATES = 16
 """Scoring states a field's run remembers (one per round, newest kept)."""

@@ -42,8 +42,15 @@ from .common import (
     root_dataset,
     source_samples,
 )
+from .records import (
+    has_run,
+    load_results,
+    on_current_object,
+    register_run,
+    run_info,
+    save_results,
+)
 from .rescore import Screen, Stamping, plan_stamping
-from .runs import has_run, load_results, register_run, run_info, save_results
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
 UNCHANGED = object()
@@ -214,7 +221,7 @@ def iter_segment(
                 dataset.add_sample_field(
                     label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
                 )
-            declare_reasons(dataset, label_field)
+            on_current_object(dataset, lambda: declare_reasons(dataset, label_field))
             for k, (sample_id, result, error) in enumerate(results):
                 if error is not None:
                     failed[sample_id] = error

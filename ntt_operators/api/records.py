@@ -1,10 +1,12 @@
-"""Run records (banks, segment runs) read and written safely on the App's shared dataset object.
+"""What the plugin records on a dataset (runs, fields, ``dataset.info``), read and written safely
+on the App's shared dataset object.
 
-The App server keeps one object per dataset and reloads it from other threads (each App request)
-while an operator runs. A reload that read the database just before a run was saved, and lands
-after, leaves the object without that run: FiftyOne then fails "Dataset has no run key ..." on a
-run the database holds, or a save writes the runs without the new one. Every run call of the plugin
-goes through here, which checks, reloads and tries again.
+The App server keeps one object per dataset and reloads it from other threads while an operator
+runs (it polls the database and reloads a dataset that changed, and each App request loads it).
+A reload that read the database just before a write, and lands after, leaves the object without
+what was just written: FiftyOne then refuses a run or a field the database holds ("Dataset has no
+run key ...", "non-existent sample field ..."), or a save writes nothing. Every such record of
+the plugin goes through here, which checks, reloads and tries again.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ def _root(collection: Collection) -> fo.Dataset:
     return collection if isinstance(collection, fo.Dataset) else collection._root_dataset
 
 
-def _retried(dataset: fo.Dataset, call: Callable[[], T]) -> T:
-    """``call()``; where the object lost a run to a reload (FiftyOne's "has no run key"), the
-    object is reloaded from the database and the call tried again."""
+STALE = ("has no run key", "non-existent sample field")
+"""How FiftyOne refuses a run or a field that the object lost to a reload."""
+
+
+def on_current_object(dataset: fo.Dataset, call: Callable[[], T]) -> T:
+    """``call()``; where FiftyOne refuses a run or field the object lost to a reload, the object
+    is reloaded from the database and the call tried again."""
     for attempt in range(TRIES):
         try:
             return call()
         except ValueError as error:
-            if "has no run key" not in str(error) or attempt == TRIES - 1:
+            if not any(sign in str(error) for sign in STALE) or attempt == TRIES - 1:
                 raise
             dataset.reload()
     raise AssertionError("unreachable")
@@ -65,14 +71,33 @@ def save_results(dataset: fo.Dataset, key: str, **values: Any) -> None:
         results = dataset.init_run_results(key, **values)
         dataset.save_run_results(key, results, overwrite=True, cache=False)
 
-    _retried(dataset, save)
+    on_current_object(dataset, save)
 
 
 def load_results(dataset: fo.Dataset, key: str) -> Any:
     """The stored results of run ``key`` (None: none saved), read from the database."""
-    return _retried(dataset, lambda: dataset.load_run_results(key, cache=False, load_view=False))
+
+    def load() -> Any:
+        return dataset.load_run_results(key, cache=False, load_view=False)
+
+    return on_current_object(dataset, load)
 
 
 def run_info(dataset: fo.Dataset, key: str) -> Any:
     """FiftyOne's record of run ``key``: its ``config`` and ``timestamp``."""
-    return _retried(dataset, lambda: dataset.get_run_info(key))
+    return on_current_object(dataset, lambda: dataset.get_run_info(key))
+
+
+def update_info(dataset: fo.Dataset, key: str, change: Callable[[Any], Any]) -> None:
+    """Sets ``dataset.info[key]`` to ``change(current value)``, from the database's current
+    value, and checks that the save landed (a reload between the change and the save would make
+    it write nothing)."""
+    for _ in range(TRIES):
+        dataset.reload()
+        value = change(dataset.info.get(key))
+        dataset.info[key] = value
+        dataset.save()
+        dataset.reload()
+        if dataset.info.get(key) == value:
+            return
+    raise NTTError(f"dataset.info[{key!r}] could not be saved; run it again")

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import fiftyone as fo
+import fiftyone.core.dataset as fod
 import pytest
 
-from ntt_operators.api.runs import has_run, load_results, register_run, run_info, save_results
+from ntt_operators.api.records import (
+    has_run,
+    load_results,
+    on_current_object,
+    register_run,
+    run_info,
+    save_results,
+    update_info,
+)
 
 
 @pytest.fixture
@@ -83,3 +92,26 @@ def test_a_run_never_recorded_is_still_missing(dataset):
     assert not has_run(dataset, "ntt_other")
     with pytest.raises(ValueError, match="has no run key"):
         load_results(dataset, "ntt_other")
+
+
+def test_a_field_declared_on_an_object_that_lost_its_parent_field_is_declared_again(dataset):
+    # What a concurrent reload does when it read the database before "preds" was added: it
+    # swaps in the document and schema it read (``Dataset._reload``).
+    stale_doc, stale_schema, _ = fod._load_dataset(dataset, dataset.name, virtual=True)
+    dataset.add_sample_field("preds", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    dataset._doc, dataset._sample_doc_cls = stale_doc, stale_schema
+
+    def declare() -> None:
+        dataset.add_sample_field("preds.detections.sam_iou", fo.FloatField)
+
+    with pytest.raises(ValueError, match="non-existent sample field"):
+        declare()
+    on_current_object(dataset, declare)
+    assert dataset.has_sample_field("preds.detections.sam_iou")
+
+
+def test_an_info_save_swallowed_by_a_concurrent_reload_is_made_again(dataset, monkeypatch):
+    reload_once_before_saving(dataset, monkeypatch)
+    update_info(dataset, "ntt_rounds", lambda rounds: {**(rounds or {}), "preds": [1]})
+    dataset.reload()
+    assert dataset.info["ntt_rounds"] == {"preds": [1]}
