@@ -26,6 +26,7 @@ from ntt_operators.explain import (  # noqa: E402
 )
 from ntt_operators.panel import NoTimeToTrainPanel  # noqa: E402
 from ntt_operators.references import SampleReferences  # noqa: E402
+from ntt_operators.rounds import RunRound  # noqa: E402
 from ntt_operators.segment import ClearProposalCache, SegmentWithReferences  # noqa: E402
 
 OPERATORS = (
@@ -41,6 +42,7 @@ OPERATORS = (
     ReviewPredictions,
     ShowReferencePredictions,
     IndexLookAlikes,
+    RunRound,
     NoTimeToTrainPanel,
 )
 

@@ -21,14 +21,9 @@ from . import api, messages
 from .api import loop
 from .evaluate import evaluation_patches
 from .proposal_cache import cached_proposal_count
+from .rounds import MODELS, PROGRESS_KEY, QUEUE_COMMAND, ROUND_OPERATOR, round_params
 
 PANEL_NAME = "no_time_to_train"
-MODELS = {
-    "paper": ("Paper: SAM2 hiera-large + DINOv2 ViT-L/14", lambda: NTTConfig()),
-    "tiny": ("Tiny: SAM2.1 hiera-tiny + ViT-S/14", lambda: NTTConfig.tiny()),
-    "tiny_random": ("Tiny, random weights (tests only)", lambda: NTTConfig.tiny(weights="random")),
-}
-"""The models a first round builds the bank with (later rounds use the bank's)."""
 DEFAULTS = {
     "bank": "ntt_bank",
     "predictions": "ntt_predictions",
@@ -122,20 +117,57 @@ class NoTimeToTrainPanel(foo.Panel):
         return loop.mark_samples(ctx.dataset, ctx.selected, self._reference_field(ctx), role)
 
     def run_round(self, ctx: foo.ExecutionContext) -> None:
-        record = self._attempt(
-            ctx,
-            lambda: loop.run_round(
-                ctx.dataset,
-                state(ctx, "bank"),
-                [self._reference_field(ctx)],
-                state(ctx, "predictions"),
-                config=self._config(ctx),
-                gt_field=self._ground_truth(ctx),
-            ),
+        """Starts the round operator: a small round at once (its progress streams into the
+        panel), a large one through its form, where Schedule is the default."""
+        bank, predictions = state(ctx, "bank"), state(ctx, "predictions")
+        plan = self._attempt(
+            ctx, lambda: loop.plan_round(ctx.dataset, bank, predictions, self._config(ctx))
         )
-        if record is not None:
-            ctx.panel.state.set("last_round", record)
-            ctx.ops.reload_dataset()
+        if plan is None:
+            return
+        ctx.panel.state.set("last_round", None)
+        if not plan["large"]:
+            ctx.panel.state.set(PROGRESS_KEY, f"Round {plan['iteration']}: starting")
+        params = round_params(
+            bank,
+            self._reference_field(ctx),
+            predictions,
+            state(ctx, "models"),
+            self._ground_truth(ctx),
+        )
+        ctx.prompt(
+            ROUND_OPERATOR,
+            params=params,
+            on_success=self.round_ended,
+            on_error=self.round_failed,
+            skip_prompt=not plan["large"],
+        )
+
+    def round_ended(self, ctx: foo.ExecutionContext) -> None:
+        """After the round operator: it left its summary in the panel's state and any failure
+        in the dataset (``loop.round_failure``); a scheduled round has not run yet."""
+        result = ctx.params.get("result")
+        if isinstance(result, dict) and "run_state" in result:
+            ctx.panel.state.set(
+                "notice",
+                f"Round scheduled: start the queue with `{QUEUE_COMMAND}` in a terminal; the "
+                "round history shows its outcome once it has run",
+            )
+        ctx.panel.state.set(PROGRESS_KEY, None)
+        ctx.ops.reload_dataset()
+
+    def round_failed(self, ctx: foo.ExecutionContext) -> None:
+        ctx.panel.state.set(PROGRESS_KEY, None)
+        error = ctx.params.get("error") or "the App server's log has the details"
+        ctx.panel.state.set("error", f"The round failed: {error}")
+
+    def choose_bank(self, ctx: foo.ExecutionContext) -> None:
+        """Another bank: the loop goes on in the newest field segmented with it."""
+        bank = ctx.params.get("value") or state(ctx, "bank")
+        ctx.panel.state.set("bank", bank)
+        predictions = loop.predictions_of_bank(ctx.dataset, bank) or f"{bank}_predictions"
+        ctx.panel.state.set("predictions", predictions)
+        ctx.panel.state.set("last_round", None)
 
     def show_references(self, ctx: foo.ExecutionContext) -> None:
         ctx.ops.set_view(loop.tagged_view(ctx.dataset, loop.REFERENCE, self._named_fields(ctx)))
@@ -206,6 +238,9 @@ class NoTimeToTrainPanel(foo.Panel):
             self._render_start(ctx, panel)
         else:
             self._render_loop(ctx, panel)
+        if ctx.panel.state.get(PROGRESS_KEY):
+            # Bound to the state key the running round patches: the line follows the round.
+            panel.md(ctx.panel.state.get(PROGRESS_KEY), name=PROGRESS_KEY)
         # A property's name is also a state key: these names differ from the state's keys.
         for key, view in (("error", types.Error), ("notice", types.Notice)):
             if ctx.panel.state.get(key):
@@ -231,6 +266,19 @@ class NoTimeToTrainPanel(foo.Panel):
         bank = state(ctx, "bank")
         if ctx.panel.state.get("created") == field and bank not in api.list_memory_banks(dataset):
             panel.md(_NEXT_AFTER_CREATE.format(field=field), name="next_steps")
+        banks = api.list_memory_banks(dataset)
+        if len(set(banks) | {bank}) > 1:
+            choices = types.DropdownView()
+            for name in sorted(set(banks) | {bank}):
+                choices.add_choice(name, label=name)
+            panel.enum(
+                "bank",
+                choices.values(),
+                default=bank,
+                label="Memory bank",
+                view=choices,
+                on_change=self.choose_bank,
+            )
         panel.md(self._where_it_stands(ctx, field, bank, predictions), name="status")
         panel.md(_class_table(loop.tagged_per_class(dataset, [field, predictions])), name="classes")
         row = panel.h_stack("show", align_x="left")
@@ -273,6 +321,9 @@ class NoTimeToTrainPanel(foo.Panel):
                 variant="contained",
             )
 
+        failure = loop.round_failure(dataset, predictions)
+        if failure:
+            panel.view("round_failure", types.Error(label=failure))
         last = ctx.panel.state.get("last_round")
         history = loop.round_history(dataset, predictions)
         if last or history:
@@ -342,8 +393,7 @@ _NEXT_AFTER_CREATE = (
 )
 _LARGE = (
     "{n} samples have no cached proposals: this round loads the models and may take long. "
-    "To run it in the background, use the operator 'Segment with references' with Schedule, "
-    "then run the queue with: fiftyone delegated launch"
+    "Run round opens its form with Schedule as the default, to run it in the background"
 )
 
 

@@ -24,6 +24,7 @@ from ntt_operators.api.request import SegmentMode, SegmentRequest
 from ntt_operators.labels import declare_reasons, prediction_ids
 from ntt_operators.panel import NoTimeToTrainPanel
 from ntt_operators.proposal_cache import ProposalCache
+from ntt_operators.rounds import PROGRESS_KEY, ROUND_OPERATOR, RunRound
 
 TINY = NTTConfig.tiny(weights="random", device="cpu")
 PREDICTIONS = "ntt_predictions"
@@ -40,6 +41,7 @@ class PanelSession:
         self.panel = NoTimeToTrainPanel()
         self.state: dict = {}
         self.ops: list[str] = []
+        self.progress: list[str] = []
 
     def call(
         self,
@@ -47,22 +49,49 @@ class PanelSession:
         selected_labels: list[dict] | None = None,
         selected: list[str] = (),
         view: fo.DatasetView | None = None,
+        params: dict | None = None,
     ) -> str:
-        """Runs the handler, then renders; returns the rendered text."""
+        """Runs the handler, then renders; returns the rendered text. A prompt the App need not
+        show (a small round) is run as the App runs it."""
         ctx = ExecutionContext(
             request_params={
                 "dataset_name": self.dataset.name,
                 "view": view._serialize() if view is not None else [],
                 "selected_labels": selected_labels or [],
                 "selected": list(selected),
-                "params": {"panel_id": "panel", "panel_state": self.state},
+                "params": {"panel_id": "panel", "panel_state": self.state, **(params or {})},
             },
             executor=Executor(),
         )
         getattr(self.panel, method)(ctx)
-        self.ops = [request.operator_uri for request in ctx.executor._requests]
+        requests = list(ctx.executor._requests)
+        self.ops = [request.operator_uri for request in requests]
         self.state = ctx.panel_state
-        return json.dumps(self.panel.render(ctx).to_json())
+        text = json.dumps(self.panel.render(ctx).to_json())
+        for request in requests:
+            if request.operator_uri == "prompt_user_for_operation":
+                if request.params["skip_prompt"]:
+                    return self._run_prompted(request.params)
+        return text
+
+    def _run_prompted(self, prompt: dict) -> str:
+        """What the App does with a prompt it skips: runs the operator, applies the panel state
+        patches it yields, then calls the panel's on_success handler."""
+        assert prompt["operator_uri"] == ROUND_OPERATOR
+        ctx = ExecutionContext(
+            request_params={
+                "dataset_name": self.dataset.name,
+                "params": {**prompt["params"], "panel_id": "panel"},
+            },
+            executor=Executor(),
+        )
+        for message in RunRound().execute(ctx):
+            if message.body.operator_uri == "patch_panel_state":
+                patch = message.body.params["state"]
+                self.state.update(patch)
+                if patch.get(PROGRESS_KEY):
+                    self.progress.append(patch[PROGRESS_KEY])
+        return self.call(prompt["on_success"].split("#")[-1], params={"result": None})
 
     def set(self, **choices) -> None:
         """What typing in the panel's inputs does: the values land in its state."""
@@ -186,6 +215,10 @@ def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_file
     text = session.call("run_round")
     assert "Round 1 done" in text, text
     assert f"{len(selection)} bank entries added" in text
+    # The round streamed its steps into the panel: the bank, then each sample segmented.
+    assert session.progress[0] == "Round 1: Loading models (0%)", session.progress
+    assert any("Segment" in line for line in session.progress), session.progress
+    assert PROGRESS_KEY not in text  # the line is gone once the round is over
     assert "Next round (2):** update the bank from the tags, then re-score in place" in text
     first = tags_and_scores(unlabelled)
     assert first
@@ -219,13 +252,68 @@ def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_file
     assert "Predictions by nearest_negative_similarity highest first" in text, text
 
 
+def test_a_large_round_opens_its_form_with_schedule_and_says_how_the_queue_runs(
+    unlabelled, scene_files, monkeypatch
+):
+    selection = draw_squares(unlabelled, scene_files, "boxes")
+    session = PanelSession(unlabelled)
+    session.set(reference_field="boxes", models="tiny_random")
+    session.call("mark_reference", selection)
+    monkeypatch.setattr(loop, "LARGE_ROUND", 1)
+    text = session.call("run_round")
+    assert "prompt_user_for_operation" in session.ops  # the form, not a run
+    assert not unlabelled.has_sample_field(PREDICTIONS)
+    assert "Schedule as the default" in text
+    ctx = ExecutionContext(
+        request_params={
+            "dataset_name": unlabelled.name,
+            "params": {
+                "bank": "ntt_bank",
+                "reference_field": "boxes",
+                "predictions": PREDICTIONS,
+                "models": "tiny_random",
+            },
+        }
+    )
+    assert RunRound().resolve_execution_options(ctx).default_choice_to_delegated
+    assert "fiftyone delegated launch" in json.dumps(RunRound().resolve_input(ctx).to_json())
+    # Scheduled: the App answers with the queued run's record.
+    text = session.call("round_ended", params={"result": {"run_state": "queued"}})
+    assert "Round scheduled: start the queue with `fiftyone delegated launch`" in text
+
+
+def test_the_panel_lists_the_banks_and_switches_to_another_with_its_field(unlabelled, scene_files):
+    selection = draw_squares(unlabelled, scene_files, "boxes")
+    session = PanelSession(unlabelled)
+    session.set(reference_field="boxes", models="tiny_random")
+    session.call("mark_reference", selection)
+    text = session.call("run_round")
+    assert "Round 1 done" in text
+    assert '"Memory bank"' not in text  # one bank: nothing to choose
+    api.build_memory_bank(unlabelled, "boxes", "cars_bank", config=TINY)
+    text = session.call("show_all")
+    assert '"Memory bank"' in text and "cars_bank" in text and "ntt_bank" in text
+
+    text = session.call("choose_bank", params={"value": "cars_bank"})
+    assert (session.state["bank"], session.state["predictions"]) == (
+        "cars_bank",
+        "cars_bank_predictions",
+    )
+    assert "**Bank:** `cars_bank`" in text
+    text = session.call("choose_bank", params={"value": "ntt_bank"})
+    assert session.state["predictions"] == PREDICTIONS  # the field segmented with it
+    assert "Round 1 done" in text  # its history
+
+
 def test_a_failed_round_is_one_sentence_in_the_panel(unlabelled, scene_files):
     draw_squares(unlabelled, scene_files, "boxes")  # drawn but never marked as references
     session = PanelSession(unlabelled)
     session.set(reference_field="boxes", models="tiny_random")
     text = session.call("run_round")
-    assert "No reference found" in text
+    assert "Round 1 failed: No reference found" in text
     assert "Traceback" not in text
+    # Recorded for the field: a panel opened later (or a scheduled round's) shows it too.
+    assert "Round 1 failed: No reference found" in PanelSession(unlabelled).call("show_all")
     assert not unlabelled.has_sample_field(PREDICTIONS)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import fiftyone as fo
 import pytest
@@ -96,11 +97,18 @@ class Curator:
         top = area["y"] + (area["height"] - height * scale) / 2
         return left + x * scale, top + y * scale
 
-    def run_round(self, iteration: int) -> str:
+    def run_round(self, iteration: int) -> tuple[str, bool]:
+        """Runs a round; returns the page's text after it, and whether the panel showed the
+        round's progress (a step with its percentage) while it ran."""
         self.click(self.button(f"Run round {iteration}"), f"Run round {iteration}")
-        done = self.page.get_by_text(f"Round {iteration} done", exact=False)
-        done.or_(self.page.get_by_text("Unexpected error")).first.wait_for(timeout=RUN_TIMEOUT_MS)
-        return self.page.locator("body").inner_text()
+        step = self.page.get_by_text(re.compile(rf"Round {iteration}: .*\(\d+%\)"))
+        done = self.page.get_by_text(f"Round {iteration} done in", exact=False)  # the summary
+        failed = self.page.get_by_text(re.compile(rf"Round {iteration} failed|The round failed"))
+        ended = done.or_(failed)
+        step.or_(ended).first.wait_for(timeout=RUN_TIMEOUT_MS)
+        progress_shown = step.count() > 0
+        ended.first.wait_for(timeout=RUN_TIMEOUT_MS)
+        return self.page.locator("body").inner_text(), progress_shown
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +191,10 @@ def test_from_no_labels_to_a_corrected_field_in_the_panel(curator, dataset, scen
 
     # 4. A round: the bank from the boxes, segmentation with proposals cached.
     me.click(page.get_by_text("Tiny, random weights (tests only)"), "models")
-    text = me.run_round(1)
+    text, progress_shown = me.run_round(1)
     assert "Round 1 done" in text, text
     assert "2 bank entries added" in text
+    assert progress_shown, "the panel showed no step of the round while it ran"
     before = predictions(dataset)
 
     # 5. Review: the predictions one patch each, least confident first. One ticked patch marked
@@ -206,7 +215,7 @@ def test_from_no_labels_to_a_corrected_field_in_the_panel(curator, dataset, scen
     page.get_by_text("1 reference and 1 negative tagged since the last update").wait_for()
 
     # 6. A second round: the bank updated, the field re-scored in place from the cache.
-    text = me.run_round(2)
+    text, _ = me.run_round(2)  # from the cache: may end before a step is drawn
     assert "Round 2 done" in text, text
     assert "2 bank entries added" in text
 
