@@ -22,6 +22,7 @@ from .api import loop
 from .evaluate import evaluation_patches
 from .proposal_cache import cached_proposal_count
 from .rounds import MODELS, PROGRESS_KEY, QUEUE_COMMAND, ROUND_OPERATOR, round_params
+from .terminal import plural
 
 PANEL_NAME = "no_time_to_train"
 DEFAULTS = {
@@ -370,8 +371,9 @@ class NoTimeToTrainPanel(foo.Panel):
             info = api.memory_bank_config(dataset, bank)
             cfg = info["ntt_config"]
             lines.append(
-                f"**Bank:** `{bank}`: {info['num_references']} references, "
-                f"{info.get('num_negatives', 0)} negatives, classes {', '.join(info['classes'])}"
+                f"**Bank:** `{bank}`: {plural(info['num_references'], 'reference')}, "
+                f"{plural(info.get('num_negatives', 0), 'negative')}, "
+                f"classes {', '.join(info['classes'])}"
             )
             lines.append(f"**Models:** {cfg['sam_model']} + {info['encoder']}")
             lines.append(f"**Tags:** {self._pending(ctx, bank, predictions)}")
@@ -420,7 +422,8 @@ def _class_table(rows: list[dict]) -> str:
 def _round_summary(record: dict) -> str:
     return (
         f"**Round {record['iteration']} done** in {record['seconds']} s: "
-        f"{record['bank_entries_added']} bank entries added, "
+        f"{record['bank_entries_added']} bank "
+        f"{'entry' if record['bank_entries_added'] == 1 else 'entries'} added, "
         f"{record['samples_written']} samples written, "
         f"{record['predictions_changed']} predictions changed label or confidence, "
         f"{record['predictions']} predictions"

@@ -231,7 +231,8 @@ def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_file
     assert "1 negative tagged since the last update" in text
 
     text = session.call("run_round")
-    assert "Round 2 done" in text and "1 bank entries added" in text, text
+    assert "Round 2 done" in text and "1 bank entry added" in text, text
+    assert f"{len(selection)} references, 1 negative, classes" in text
     second = tags_and_scores(unlabelled)
     assert set(second) == set(first)  # ids kept: re-scored in place
     # One class: the negative decays its own score by exp(-max(0, neg - pos) / sigma).
