@@ -210,18 +210,12 @@ def _stream(
 ):
     yield from first
     try:
-        while True:
-            try:
-                fraction, label = next(steps)
-            except StopIteration as done:
-                summary = done.value
-                break
-            yield ctx.ops.set_progress(progress=fraction, label=label)
+        summary = yield from api.mapped_steps(
+            steps, lambda fraction, label: ctx.ops.set_progress(progress=fraction, label=label)
+        )
     except Exception as error:
         yield from show_failure(ctx, title, error, words)
         return
-    finally:
-        steps.close()  # a cancelled run still writes what it finished
     yield ctx.ops.show_output(outputs().to_json(), summary)
     yield ctx.ops.reload_dataset()
 

@@ -15,7 +15,7 @@ import fiftyone.operators.types as types
 
 from ntt_core import NTTConfig
 
-from . import forms
+from . import api, forms
 from .api import loop
 
 ROUND_OPERATOR = "@ntt/no_time_to_train/run_round"
@@ -111,23 +111,19 @@ def _models(ctx: foo.ExecutionContext) -> NTTConfig:
 def _stream_to_panel(ctx: foo.ExecutionContext, steps: Iterator) -> Iterator:
     """Each step as one line in the panel, as it happens; the round's summary ends in the
     panel's state, where *Run round*'s callback renders it."""
+
+    # Not set_progress: the App would cover the page with its progress dialog, to be closed
+    # by a click after every round.
+    def line(fraction: float, label: str) -> Any:
+        return ctx.ops.patch_panel_state({PROGRESS_KEY: f"{label} ({fraction:.0%})"})
+
     try:
-        while True:
-            try:
-                fraction, label = next(steps)
-            except StopIteration as done:
-                record = done.value
-                break
-            # Not set_progress: the App would cover the page with its progress dialog, to be
-            # closed by a click after every round.
-            yield ctx.ops.patch_panel_state({PROGRESS_KEY: f"{label} ({fraction:.0%})"})
+        record = yield from api.mapped_steps(steps, line)
     except Exception:
         # Recorded for the field by the round itself (``loop.round_failure``): the panel shows
         # it from there, whenever it renders next.
         yield ctx.ops.patch_panel_state({PROGRESS_KEY: None})
         return
-    finally:
-        steps.close()  # a cancelled round still writes what it finished
     yield ctx.ops.patch_panel_state({PROGRESS_KEY: None, "last_round": record})
 
 

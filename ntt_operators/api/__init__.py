@@ -35,6 +35,7 @@ from .common import (
     detection_fields,
     drive_steps,
     list_memory_banks,
+    mapped_steps,
     require_bank,
 )
 from .evaluate import (
@@ -75,6 +76,7 @@ __all__ = [
     "delete_memory_bank",
     "detection_fields",
     "drive_steps",
+    "mapped_steps",
     "evaluate",
     "evaluations_on",
     "fields_without_masks",

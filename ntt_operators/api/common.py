@@ -30,6 +30,20 @@ class PluginInputError(NTTError, ValueError):
     """A dataset-level input is unusable (missing field, name clash, nothing tagged, ...)."""
 
 
+def mapped_steps(steps: Steps, each: Callable[[float, str], Any]) -> Generator[Any, None, Any]:
+    """Yields ``each(fraction, label)`` for every step; returns the steps' result. Closing it
+    closes the steps, so an interrupted run still lets them clean up (write what is done)."""
+    try:
+        while True:
+            try:
+                fraction, label = next(steps)
+            except StopIteration as done:
+                return done.value
+            yield each(fraction, label)
+    finally:
+        steps.close()
+
+
 def drive_steps(steps: Steps, progress: Progress | None) -> Any:
     """Runs an ``iter_*`` step generator to its end, forwarding its steps to ``progress``;
     returns the generator's result."""

@@ -19,7 +19,15 @@ from ntt_core import NTTConfig
 from ..messages import sentence
 from ..proposal_cache import ProposalCache
 from .bank import iter_build_memory_bank, iter_update_memory_bank, memory_bank_config
-from .common import BANK_METHOD, PluginInputError, Progress, Steps, detection_fields, drive_steps
+from .common import (
+    BANK_METHOD,
+    PluginInputError,
+    Progress,
+    Steps,
+    detection_fields,
+    drive_steps,
+    mapped_steps,
+)
 from .evaluate import class_report, evaluate
 from .explain import REVIEW_ORDERS
 from .explain import review_view as explain_view
@@ -286,17 +294,10 @@ def _round(
 
 
 def _within(steps: Steps, start: float, end: float, round_name: str) -> Steps:
-    """The steps named after their round, their fractions mapped into [start, end] of it; closed
-    with it, so a cancelled round still lets them clean up (write the samples segmented)."""
-    try:
-        while True:
-            try:
-                fraction, label = next(steps)
-            except StopIteration as done:
-                return done.value
-            yield start + (end - start) * fraction, f"{round_name}: {label}"
-    finally:
-        steps.close()
+    """The steps named after their round, their fractions mapped into [start, end] of it."""
+    return mapped_steps(
+        steps, lambda fraction, label: (start + (end - start) * fraction, f"{round_name}: {label}")
+    )
 
 
 def _has_tagged(dataset: fo.Dataset, field_name: str, tag: str) -> bool:
