@@ -123,12 +123,41 @@ def cached_features(blob: bytes, checksum: str, identity: str) -> torch.Tensor |
         layout, _ = _valid_layout(blob, checksum, identity)
         if layout is None or layout["features"]["dtype"] != "F32":
             return None
-        features = layout["features"]
-        start, end = (layout["data_start"] + offset for offset in features["data_offsets"])
-        values = np.frombuffer(blob, dtype="<f4", count=(end - start) // 4, offset=start)
-        return torch.from_numpy(values.reshape(features["shape"]).copy())
+        return torch.from_numpy(_array(blob, layout, "features", "<f4").copy())
     except Exception:
         return None
+
+
+def cached_features_and_counts(
+    blob: bytes, checksum: str, identity: str
+) -> tuple[np.ndarray, list[bytes], list[int]] | None:
+    """A valid entry's (P, C) float32 features (a read-only view of ``blob``), each proposal's
+    RLE counts and the image size (H, W), read straight from the bytes: what names a
+    proposal's prediction (``labels.prediction_id_strings``) and its feature, without building
+    ``Proposals`` (None as ``proposals_from_bytes``)."""
+    try:
+        layout, header = _valid_layout(blob, checksum, identity)
+        if layout is None or layout["features"]["dtype"] != "F32":
+            return None
+        features = _array(blob, layout, "features", "<f4")
+        counts = _array(blob, layout, "rle_counts", "u1").tobytes()
+        ends = np.cumsum(_array(blob, layout, "rle_lengths", "<i8")).tolist()
+    except Exception:
+        return None
+    if len(ends) != len(features) or (ends and ends[-1] > len(counts)):
+        return None
+    rles = [counts[a:b] for a, b in zip([0, *ends], ends)]
+    return features, rles, list(header["image_size"])
+
+
+def _array(blob: bytes, layout: dict, name: str, dtype: str) -> np.ndarray:
+    """The tensor ``name`` of a safetensors ``layout`` as a read-only view of ``blob``."""
+    tensor = layout[name]
+    start, end = (layout["data_start"] + offset for offset in tensor["data_offsets"])
+    values = np.frombuffer(
+        blob, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize, offset=start
+    )
+    return values.reshape(tensor["shape"])
 
 
 def entry_checksum(blob: bytes) -> str | None:

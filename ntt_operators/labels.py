@@ -204,15 +204,32 @@ def instance_reasons(instances: Instances) -> list[dict[str, Any]]:
 
 def prediction_ids(seed: str, rles: list[dict]) -> list[ObjectId]:
     """Stable label ids: a hash of the seed and each mask's RLE (twins get their rank too)."""
-    ids, seen = [], set()
-    for rle in rles:
-        counts = rle["counts"] if isinstance(rle["counts"], str) else rle["counts"].decode()
-        text = f"{seed}:{rle['size']}:{counts}"
+    texts = [f"{seed}:{rle['size']}:".encode() + _counts_bytes(rle) for rle in rles]
+    return [ObjectId(digest) for digest in _id_digests(texts)]
+
+
+def prediction_id_strings(seed: str, size: list[int], counts: list[bytes]) -> list[str]:
+    """``prediction_ids`` as strings, of one image's masks given as their RLE counts: what
+    names thousands of cached proposals at once (``api.explain``), without a dict per mask."""
+    prefix = f"{seed}:{size}:".encode()
+    return [digest.hex() for digest in _id_digests([prefix + c for c in counts])]
+
+
+def _id_digests(texts: list[bytes]) -> list[bytes]:
+    """The 12 first bytes of each text's SHA-256 (an ObjectId's size); a text seen before gets
+    '+' appended until it is new, so identical masks get distinct ids, by rank."""
+    digests, seen = [], set()
+    for text in texts:
         while text in seen:
-            text += "+"
+            text += b"+"
         seen.add(text)
-        ids.append(ObjectId(hashlib.sha256(text.encode()).digest()[:12]))
-    return ids
+        digests.append(hashlib.sha256(text).digest()[:12])
+    return digests
+
+
+def _counts_bytes(rle: dict) -> bytes:
+    counts = rle["counts"]
+    return counts if isinstance(counts, bytes) else counts.encode()
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ntt_core import NTTConfig, NTTPredictor, Reference
 from ntt_core.cache import (
     FeatureFile,
     cached_features,
+    cached_features_and_counts,
     entry_checksum,
     predict_cached,
     proposal_identity,
@@ -122,8 +123,15 @@ def test_an_entry_round_trips_and_a_tampered_one_is_refused(count):
     assert [r["counts"] for r in back.rles] == [r["counts"] for r in rles]
     assert [int(mask_utils.area(r)) for r in back.rles] == [(k + 1) * (k + 2) for k in range(count)]
     assert proposals_from_bytes(blob, "other sum", "id") is None
+    # The fast read of what names the predictions (api.explain): the same, without Proposals.
+    features, counts, size = cached_features_and_counts(blob, "sum", "id")
+    assert np.array_equal(features, proposals.features.numpy()) and features.dtype == np.float32
+    assert counts == [r["counts"] for r in rles] and size == [6, 8]
+    assert cached_features_and_counts(blob, "other sum", "id") is None
     tampered = _with_tensors(blob, rle_lengths=torch.tensor([10**6] * max(count, 1)))
     assert proposals_from_bytes(tampered, "sum", "id") is None
+    assert cached_features_and_counts(tampered, "sum", "id") is None
+    assert cached_features_and_counts(blob[:50], "sum", "id") is None
 
 
 def _with_tensors(blob: bytes, **replaced: torch.Tensor) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 
@@ -157,7 +158,6 @@ def cached_feature(dataset, sample_id: str, label_id: str) -> torch.Tensor:
     from ntt_core import NTTConfig
     from ntt_core.cache import file_checksum, proposal_identity, proposals_from_bytes
     from ntt_core.coco import json_ready_rle
-    from ntt_operators.labels import prediction_ids
     from ntt_operators.proposal_cache import ProposalCache
 
     tiny = NTTConfig.tiny(weights="random", device="cpu")
@@ -165,8 +165,32 @@ def cached_feature(dataset, sample_id: str, label_id: str) -> torch.Tensor:
     checksum = file_checksum(dataset[sample_id].filepath)
     proposals = proposals_from_bytes(blob, checksum, proposal_identity(tiny))
     rles = [json_ready_rle(rle) for rle in proposals.rles]
-    ids = [str(i) for i in prediction_ids(f"{PREDICTIONS}:{sample_id}", rles)]
-    return proposals.features[ids.index(label_id)]
+    return proposals.features[ids_by_hand(f"{PREDICTIONS}:{sample_id}", rles).index(label_id)]
+
+
+def ids_by_hand(seed: str, rles: list[dict]) -> list[str]:
+    """Prediction ids as the plugin has always made them, written out here: the first 12 bytes
+    of SHA-256 of 'seed:size:counts', a '+' more for each earlier identical mask."""
+    ids, seen = [], set()
+    for rle in rles:
+        counts = rle["counts"] if isinstance(rle["counts"], str) else rle["counts"].decode()
+        text = f"{seed}:{rle['size']}:{counts}"
+        while text in seen:
+            text += "+"
+        seen.add(text)
+        ids.append(hashlib.sha256(text.encode()).hexdigest()[:24])
+    return ids
+
+
+def test_prediction_ids_hash_the_seed_and_the_mask_and_rank_twins():
+    from ntt_operators.labels import prediction_id_strings, prediction_ids
+
+    counts = [b"0a1", b"3b2c", b"0a1", b"0a1"]  # one mask three times
+    rles = [{"size": [6, 8], "counts": c.decode() if k % 2 else c} for k, c in enumerate(counts)]
+    expected = ids_by_hand("field:sample", rles)
+    assert len(set(expected)) == 4
+    assert [str(i) for i in prediction_ids("field:sample", rles)] == expected
+    assert prediction_id_strings("field:sample", [6, 8], counts) == expected
 
 
 @pytest.fixture
@@ -294,6 +318,12 @@ def test_the_similarity_index_sorts_look_alikes_by_their_cached_features(banked)
         f"{PREDICTIONS}.id"
     )
     assert ranked[:2] == by_hand[:2]
+    # Each stored vector is its prediction's cached feature, bit for bit (read back from the
+    # database: a query centres the loaded index's embeddings in place).
+    index = dataset.load_brain_results(out["brain_key"], cache=False)
+    assert sorted(index.label_ids) == sorted(ids)
+    for label_id, vector in zip(index.label_ids, index.embeddings):
+        assert np.array_equal(vector, features[label_id].numpy())
 
     drawn = explain_api.build_embeddings_map(dataset, PREDICTIONS)
     umap = importlib.util.find_spec("umap") is not None

@@ -18,10 +18,10 @@ import numpy as np
 from fiftyone import ViewField as F
 
 from ntt_core import MemoryBank, NTTConfig, NTTError
-from ntt_core.cache import file_checksum, proposal_identity, proposals_from_bytes
+from ntt_core.cache import cached_features_and_counts, file_checksum, proposal_identity
 from ntt_core.explain import label_id
 
-from ..labels import prediction_ids
+from ..labels import prediction_id_strings
 from ..proposal_cache import ProposalCache
 from .common import (
     SEGMENT_METHOD,
@@ -227,18 +227,20 @@ def prediction_features(dataset: fo.Dataset, pred_field: str) -> tuple[dict[str,
 def _features_by_id(
     blob: bytes | None, filepath: str, identity: str, seed: str
 ) -> dict[str, np.ndarray]:
-    """The cached proposals' features by the id their prediction would have (none: no entry)."""
+    """The cached proposals' features by the id their prediction would have (none: no entry).
+    Read straight from the entry's bytes: building its ``Proposals`` and hashing each mask's
+    RLE as a dict took most of an index's time."""
     if blob is None:
         return {}
     try:
         checksum = file_checksum(filepath)
     except NTTError:
         return {}
-    proposals = proposals_from_bytes(blob, checksum, identity)
-    if proposals is None:
+    cached = cached_features_and_counts(blob, checksum, identity)
+    if cached is None:
         return {}
-    ids = [str(i) for i in prediction_ids(seed, proposals.rles)]
-    return dict(zip(ids, proposals.features.numpy()))
+    features, counts, size = cached
+    return dict(zip(prediction_id_strings(seed, size, counts), features))
 
 
 def _segment_config(dataset: fo.Dataset, pred_field: str) -> NTTConfig:
