@@ -379,10 +379,13 @@ class NoTimeToTrainPanel(foo.Panel):
             lines.append(f"**Tags:** {self._pending(ctx, bank, predictions)}")
         status = api.segment_status(dataset, predictions)
         if status:
+            # The field, not the last run: a re-score's run counts only the samples it scored.
+            held = dataset.count(f"{predictions}.detections")
             cached = cached_proposal_count(dataset)
             lines.append(
-                f"**`{predictions}`:** {status['status']}, {status['processed']} samples, "
-                f"{status['instances']} predictions; {cached} samples with cached proposals"
+                f"**`{predictions}`:** last run {status['status']} "
+                f"({plural(status['processed'], 'sample')}); the field holds "
+                f"{plural(held, 'prediction')}; {plural(cached, 'sample')} with cached proposals"
             )
         return "\n\n".join(lines)
 

@@ -235,6 +235,7 @@ def test_two_rounds_from_drawn_boxes_to_a_corrected_field(unlabelled, scene_file
     assert f"{len(selection)} references, 1 negative, classes" in text
     second = tags_and_scores(unlabelled)
     assert set(second) == set(first)  # ids kept: re-scored in place
+    assert f"the field holds {len(second)} prediction" in text
     # One class: the negative decays its own score by exp(-max(0, neg - pos) / sigma).
     bank = api.load_memory_bank(unlabelled, "ntt_bank")
     f = cached_feature(unlabelled, sample_id, negative_id)
