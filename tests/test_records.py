@@ -5,6 +5,7 @@ from __future__ import annotations
 import fiftyone as fo
 import fiftyone.core.dataset as fod
 import pytest
+from fiftyone.core.odm.runs import RunDocument
 
 from ntt_operators.api.records import (
     has_run,
@@ -115,3 +116,24 @@ def test_an_info_save_swallowed_by_a_concurrent_reload_is_made_again(dataset, mo
     update_info(dataset, "ntt_rounds", lambda rounds: {**(rounds or {}), "preds": [1]})
     dataset.reload()
     assert dataset.info["ntt_rounds"] == {"preds": [1]}
+
+
+def test_a_run_whose_document_a_reload_freed_is_registered_again(dataset, monkeypatch):
+    """A reload between FiftyOne's run-document save and its change of the dataset's runs frees
+    the document those runs belong to: 'weakly-referenced object no longer exists'."""
+    save = RunDocument.save
+    reloads = []
+
+    def save_then_reload(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if not reloads:
+            reloads.append(1)
+            dataset.reload()
+
+    monkeypatch.setattr(RunDocument, "save", save_then_reload)
+    config = dataset.init_run(method="ntt_test")
+    with pytest.raises(ReferenceError):
+        dataset.register_run("ntt_run", config, overwrite=True)
+    reloads.clear()
+    register_run(dataset, "ntt_run", config, overwrite=True)
+    assert "ntt_run" in dataset.list_runs()

@@ -37,8 +37,10 @@ def on_current_object(dataset: fo.Dataset, call: Callable[[], T]) -> T:
     for attempt in range(TRIES):
         try:
             return call()
-        except ValueError as error:
-            if not any(sign in str(error) for sign in STALE) or attempt == TRIES - 1:
+        except (ValueError, ReferenceError) as error:
+            # ReferenceError: the reload freed the document FiftyOne was changing.
+            stale = isinstance(error, ReferenceError) or any(s in str(error) for s in STALE)
+            if not stale or attempt == TRIES - 1:
                 raise
             dataset.reload()
     raise AssertionError("unreachable")
@@ -58,7 +60,12 @@ def register_run(collection: Collection, key: str, config: Any, overwrite: bool)
     change and its save makes the save write the runs without this one."""
     dataset = _root(collection)
     for _ in range(TRIES):
-        collection.register_run(key, config, overwrite=overwrite)
+        try:
+            collection.register_run(key, config, overwrite=overwrite)
+        except ReferenceError:
+            # The reload freed the document FiftyOne was changing (its runs hold it weakly).
+            dataset.reload()
+            continue
         if key in dataset.list_runs():
             return
     raise NTTError(f"Run {key!r} could not be recorded in the dataset; run it again")

@@ -186,8 +186,10 @@ def test_from_no_labels_to_a_corrected_field_in_the_panel(curator, dataset, scen
     me.tick_sample(index)
     page.get_by_text("1 sample(s)").wait_for()
     me.click(me.button("Reference"), "Reference")
-    page.get_by_text("2 label(s) marked: references").wait_for()
-    assert f"{CLASS}\t2\t0" in page.locator("body").inner_text()
+    # What the panel reads from the dataset, not its "marked" notice: clearing the selection
+    # after a mark fires the panel's selection event, whose render may carry the panel's state
+    # from before the notice (the App applies state patches a tick later) and replace it.
+    wait_until(lambda: f"{CLASS}\t2\t0" in page.locator("body").inner_text(), "2 references")
 
     # 4. A round: the bank from the boxes, segmentation with proposals cached.
     me.click(page.get_by_text("Tiny, random weights (tests only)"), "models")
@@ -207,7 +209,6 @@ def test_from_no_labels_to_a_corrected_field_in_the_panel(curator, dataset, scen
     me.tick_sample(negative["position"])
     page.get_by_text("1 sample(s)").wait_for()
     me.click(me.button("Negative"), "Negative")
-    page.get_by_text("1 label(s) marked: negatives").wait_for()
     page.get_by_text("1 negative tagged since the last update").wait_for()
     me.tick_sample(accepted["position"])
     page.get_by_text("1 sample(s)").wait_for()
