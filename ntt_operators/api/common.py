@@ -46,19 +46,16 @@ def mapped_steps(steps: Steps, each: Callable[[float, str], Any]) -> Generator[A
 
 def drive_steps(steps: Steps, progress: Progress | None) -> Any:
     """Runs an ``iter_*`` step generator to its end, forwarding its steps to ``progress``;
-    returns the generator's result."""
+    returns the generator's result. An interrupted caller (an exception in ``progress``,
+    Ctrl-C) still lets the steps clean up now, e.g. write the samples already segmented."""
+    forwarded = mapped_steps(steps, progress or (lambda fraction, label: None))
     try:
         while True:
-            try:
-                fraction, label = next(steps)
-            except StopIteration as done:
-                return done.value
-            if progress is not None:
-                progress(fraction, label)
+            next(forwarded)
+    except StopIteration as done:
+        return done.value
     finally:
-        # An interrupted caller (an exception in ``progress``, Ctrl-C) still lets the steps
-        # clean up now, e.g. write the samples already segmented.
-        steps.close()
+        forwarded.close()
 
 
 def load_predictor(
