@@ -10,6 +10,7 @@ unpickled.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
@@ -76,6 +78,13 @@ class MemoryBank:
         _validate(self)
         self.prototypes = class_prototypes(self.features, self.labels, len(self.classes))
         self.negatives = F.normalize(self.negative_features, dim=1)
+
+    @functools.cached_property
+    def unit_references(self) -> np.ndarray:
+        """(N, C) the references' features, L2-normalised (what explanations compare with),
+        worked out once per bank rather than once per scored image."""
+        features = self.features.numpy()
+        return features / np.linalg.norm(features, axis=1, keepdims=True)
 
     @classmethod
     def from_features(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,39 +139,65 @@ class NegativesScreen:
             sigma,
         )
 
-    def unchanged(self, features: Sequence[torch.Tensor]) -> list[bool]:
-        """For each image's (P, C) proposal features (float32, or float16 with a wider margin),
-        whether its proposals all keep their best class and score. One pass over all the
-        images' proposals, on the new negatives' classes only; the few proposals it cannot
-        clear get all their class scores."""
-        if self.added_negatives.shape[0] == 0 or not features:
-            return [True] * len(features)
-        stacked = torch.cat(list(features))
-        rounding = FLOAT16_ROUNDING if stacked.dtype == torch.float16 else 0.0
-        stacked = stacked.float()
+    def unchanged(
+        self, features: torch.Tensor, counts: Sequence[int], chunk_rows: int = 4096
+    ) -> list[bool]:
+        """For images whose (P, C) proposal features are stacked in ``features`` (float32, or
+        float16 with a wider margin), ``counts`` rows each, whether each image's proposals all
+        keep their best class and score. The images go in chunks of about ``chunk_rows``
+        proposals, on the new negatives' classes only: each chunk is converted to float32 and
+        multiplied while it sits in the CPU's cache (a round's rows are gigabytes). The few
+        proposals a chunk cannot clear get all their class scores."""
+        if self.added_negatives.shape[0] == 0:
+            return [True] * len(counts)
+        verdicts: list[bool] = []
+        start = 0
+        for chunk in _chunks(counts, chunk_rows):
+            moved = self._moved(features[start : start + sum(chunk)])
+            verdicts += [not bool(part.any()) for part in moved.split(chunk)]
+            start += sum(chunk)
+        return verdicts
+
+    def _moved(self, features: torch.Tensor) -> torch.Tensor:
+        """(P,) whether a proposal may change its best class or score."""
+        rounding = FLOAT16_ROUNDING if features.dtype == torch.float16 else 0.0
+        features = features.float()
         # Each test compares two quantities that each move by at most ``rounding`` per product
         # (the second one's scores by (1 + 2 / sigma) products, their largest slope).
-        moved = self._near_added(stacked, self.margin + 2 * rounding)
+        moved = self._near_added(features, self.margin + 2 * rounding)
         rows = torch.nonzero(moved).flatten()
         slope = 1 + 2 / self.sigma
-        moved[rows[self._keep_best(stacked[rows], self.margin + 2 * rounding * slope)]] = False
-        return [not bool(part.any()) for part in moved.split([len(f) for f in features])]
+        moved[rows[self._keep_best(features[rows], self.margin + 2 * rounding * slope)]] = False
+        return moved
+
+    @functools.cached_property
+    def _queries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``_near_added`` multiplies the proposals by, as one matrix (the new negatives'
+        classes' prototypes, their older negatives, the new negatives), with the class of each
+        older negative and of each new one as an index into those classes, and those classes."""
+        classes, added_index = torch.unique(self.added_labels, return_inverse=True)
+        older = torch.isin(self.old_labels, classes)
+        queries = torch.cat(
+            [self.prototypes[classes], self.old_negatives[older], self.added_negatives]
+        )
+        older_index = torch.searchsorted(classes, self.old_labels[older])
+        return queries.T.contiguous(), older_index, added_index, classes
 
     def _near_added(self, features: torch.Tensor, margin: float) -> torch.Tensor:
         """(P,) whether a new negative comes within ``margin`` of ``max(pos_k, neg_k)`` of its
         class k while ``pos_k`` is not 0 (a score ``0 * decay`` stays 0), computed for the new
-        negatives' classes only."""
-        classes, added_index = torch.unique(self.added_labels, return_inverse=True)
-        older = torch.isin(self.old_labels, classes)
-        similarity = features @ self.prototypes[classes].T
-        closest = closest_negatives(
-            features,
-            self.old_negatives[older],
-            torch.searchsorted(classes, self.old_labels[older]),
-            len(classes),
+        negatives' classes only, with one product."""
+        queries, older_index, added_index, classes = self._queries
+        products = features @ queries
+        similarity, older, added = products.split(
+            [len(classes), len(older_index), len(added_index)], dim=1
         )
+        closest = torch.zeros_like(similarity)
+        if len(older_index):
+            index = older_index[None].expand_as(older)
+            closest = closest.scatter_reduce(1, index, older.clamp(min=0), "amax")
         threshold = torch.maximum(similarity.clamp(min=0), closest)[:, added_index]  # (P, A)
-        near = features @ self.added_negatives.T >= threshold - margin
+        near = added >= threshold - margin
         return (near & (similarity[:, added_index] > -margin)).any(dim=1)
 
     def _keep_best(self, features: torch.Tensor, margin: float) -> torch.Tensor:
@@ -197,15 +224,37 @@ def overlap_decay(
     features: torch.Tensor,
     overlap_over_self: torch.Tensor,
 ) -> torch.Tensor:
-    """Semantic-aware overlap decay, applied within each class in the given order.
+    """Semantic-aware overlap decay, applied within each class in the given order: the scores
+    times their ``decay_factors``."""
+    return scores * decay_factors(labels, features, overlap_over_self)
+
+
+def decay_factors(
+    labels: torch.Tensor, features: torch.Tensor, overlap_over_self: torch.Tensor
+) -> torch.Tensor:
+    """The overlap decay's factor of each proposal, in the given order.
 
     For proposal i, ``ios_i = max_{j before i} |M_i ∩ M_j| / |M_i| * max(0, cos(f_i, f_j))`` and
     the score becomes ``score_i * sqrt(1 - ios_i)``. A proposal covered by an earlier, similar
     looking one of the same class (a part of the same object, typically) loses confidence.
     ``overlap_over_self[i, j]`` holds ``|M_i ∩ M_j| / |M_i|``; only same-class pairs j < i are read.
+    The factors depend on the classes, features and masks, never on the scores.
     """
     same_class = labels[:, None] == labels[None, :]
     similarity = (features @ features.T).clamp(min=0)
     weighted = overlap_over_self.to(similarity) * similarity * same_class
     max_overlap = weighted.tril(diagonal=-1).max(dim=1).values.clamp(0, 1)
-    return scores * torch.sqrt(1 - max_overlap)
+    return torch.sqrt(1 - max_overlap)
+
+
+def _chunks(counts: Sequence[int], rows: int) -> Iterator[list[int]]:
+    """Consecutive images' row counts, grouped until a group holds ``rows`` proposals (an
+    image is never split: its verdict needs all its proposals)."""
+    chunk: list[int] = []
+    for count in counts:
+        chunk.append(count)
+        if sum(chunk) >= rows:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -18,11 +18,12 @@ import torch
 from .bank import MemoryBank
 from .coco import json_ready_rle
 from .config import NTTConfig
+from .decay_record import DecayRecord
 from .errors import ReferenceInputError
 from .explain import explain
 from .images import as_rgb8, imagenet_normalize, resize_bicubic, resize_square_pil, to_float_chw
 from .masks import CroppedMasks, RLEMasks, masks_from_logits
-from .matching import assign_classes, overlap_decay, pooled_features, scores_with_negatives
+from .matching import assign_classes, decay_factors, pooled_features, scores_with_negatives
 from .models import LoadProgress, encoder_identity, load_encoder, load_sam2, resolve_device
 from .postprocess import mask_boxes, nms_order
 from .proposals import (
@@ -178,34 +179,36 @@ class NTTPredictor:
             logits=logits[valid],
         )
 
-    def score(self, proposals: Proposals, bank: MemoryBank) -> Instances:
+    def score(
+        self, proposals: Proposals, bank: MemoryBank, record: DecayRecord | None = None
+    ) -> Instances:
         """Matches proposals against the bank, deduplicates, and decays overlapping ones.
 
         Runs where the proposals are (the GPU for fresh ones, the CPU for cached ones); only
-        the returned instances are brought to the CPU and RLE-encoded.
+        the returned instances are brought to the CPU and RLE-encoded. ``record``: a previous
+        scoring's ``DecayRecord`` of the same proposals; where it still holds, its survivors
+        and decay factors are used instead of reading the masks (same results). The returned
+        instances carry the record of this scoring.
         """
         config = self.config
         bank.check_compatible(self.encoder_identity, config.encoder_image_size)
         if len(proposals) == 0:
             return Instances.empty(proposals.image_size, bank.classes)
         scores, labels = assign_classes(self.class_scores(proposals.features, bank))
-        order = nms_order(
-            proposals.boxes,
-            proposals.pred_iou,
-            labels,
-            config.nms_iou_threshold,
-            config.max_before_decay,
-        )
-        order = order[scores[order] > 0]
-        masks = full_resolution_masks(proposals, order)
-        nonempty = torch.nonzero(masks.areas() > 0).flatten()
-        masks, order = masks.select(nonempty.cpu()), order[nonempty.to(order.device)]
-        scores, labels, features = scores[order], labels[order], proposals.features[order]
-        if len(masks) == 0:
-            return Instances.empty(proposals.image_size, bank.classes)
-        scores = overlap_decay(scores, labels, features, masks.overlap_over_self(labels))
+        settings = (config.nms_iou_threshold, config.max_before_decay)
+        masks = None
+        if record is None or not record.holds(labels, scores, settings):
+            record, masks = self._decay_record(proposals, scores, labels)
+        kept = torch.from_numpy(record.kept).to(scores.device)
+        if len(kept) == 0:
+            return Instances.empty(proposals.image_size, bank.classes, record)
+        decay = torch.from_numpy(record.decay).to(scores.device)
+        scores, labels, features = scores[kept] * decay, labels[kept], proposals.features[kept]
         top = torch.sort(scores, descending=True, stable=True).indices[: config.max_detections]
-        returned = masks.select(top.cpu())
+        if masks is None:
+            returned = full_resolution_masks(proposals, kept[top])
+        else:
+            returned = masks.select(top.cpu())
         return Instances(
             image_size=tuple(proposals.image_size),
             boxes=returned.boxes_xyxy(),
@@ -213,8 +216,42 @@ class NTTPredictor:
             labels=labels[top].cpu().numpy().astype(np.int64),
             class_names=list(bank.classes),
             rles=[json_ready_rle(rle) for rle in returned.rles()],
-            explanation=explain(features[top], labels[top], proposals.pred_iou[order][top], bank),
+            explanation=explain(features[top], labels[top], proposals.pred_iou[kept][top], bank),
+            decay_record=record,
         )
+
+    def _decay_record(
+        self, proposals: Proposals, scores: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[DecayRecord, CroppedMasks | RLEMasks]:
+        """NMS, the empty-mask filter and the overlap decay of proposals with best ``scores``
+        and classes ``labels``: the record and the masks of the proposals kept."""
+        config = self.config
+        survivors = nms_order(
+            proposals.boxes,
+            proposals.pred_iou,
+            labels,
+            config.nms_iou_threshold,
+            config.max_before_decay,
+        )
+        positive = scores[survivors] > 0
+        kept = survivors[positive]
+        masks = full_resolution_masks(proposals, kept)
+        nonempty = torch.nonzero(masks.areas() > 0).flatten()
+        masks, kept = masks.select(nonempty.cpu()), kept[nonempty.to(kept.device)]
+        if len(kept):
+            overlaps = masks.overlap_over_self(labels[kept])
+            decay = decay_factors(labels[kept], proposals.features[kept], overlaps)
+        else:
+            decay = torch.zeros(0)
+        record = DecayRecord(
+            settings=(config.nms_iou_threshold, config.max_before_decay),
+            labels=labels.cpu().numpy(),
+            survivors=survivors.cpu().numpy(),
+            positive=positive.cpu().numpy(),
+            kept=kept.cpu().numpy(),
+            decay=decay.float().cpu().numpy(),
+        )
+        return record, masks
 
     def class_scores(self, features: torch.Tensor, bank: MemoryBank) -> torch.Tensor:
         """(P, K) semantic scores of proposal features, lowered near the bank's negatives."""

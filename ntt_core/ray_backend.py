@@ -20,6 +20,7 @@ import numpy as np
 from .bank import MemoryBank
 from .cache import ProposalStore, predict_cached
 from .config import NTTConfig
+from .decay_record import DecayRecord
 from .errors import NTTError
 from .pipeline import NTTPredictor
 from .result import Instances
@@ -40,15 +41,18 @@ def predict_or_error(
     store: ProposalStore | None = None,
     key: str = "",
     checksum: str | None = None,
+    record: DecayRecord | None = None,
 ) -> tuple[Instances | None, str | None]:
     """One image's instances, or the reason it failed (an unreadable image must not stop a run).
 
     With a ``store``, proposals cached under ``key`` are re-scored instead of recomputed
-    (``checksum``: the image file's, when the caller has it already).
+    (``checksum``: the image file's, when the caller has it already; ``record``: the previous
+    scoring's ``DecayRecord``).
     """
     try:
         if store is not None:
-            return predict_cached(predictor, filepath, bank, store, key, checksum)[0], None
+            found = predict_cached(predictor, filepath, bank, store, key, checksum, record)
+            return found[0], None
         return predictor.predict(filepath, bank), None
     except NTTError as error:
         return None, f"{type(error).__name__}: {error}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from .coco import paper_boxes_xywh, results_from_detections
+from .decay_record import DecayRecord
 from .explain import Explanation
 
 
@@ -31,12 +32,20 @@ class Instances:
     """COCO RLE of each full-resolution mask (``counts`` as str, JSON-ready)."""
     explanation: Explanation | None = None
     """Why each instance was predicted (``ntt_core.explain``); None where not computed."""
+    decay_record: DecayRecord | None = field(default=None, compare=False, repr=False)
+    """What the scoring decided from the masks, which a re-score may reuse
+    (``NTTPredictor.score``); None where not scored here."""
 
     def __len__(self) -> int:
         return len(self.rles)
 
     @classmethod
-    def empty(cls, image_size: tuple[int, int], class_names: list[str]) -> Instances:
+    def empty(
+        cls,
+        image_size: tuple[int, int],
+        class_names: list[str],
+        decay_record: DecayRecord | None = None,
+    ) -> Instances:
         return cls(
             image_size=image_size,
             boxes=np.zeros((0, 4), dtype=np.float32),
@@ -44,6 +53,7 @@ class Instances:
             labels=np.zeros(0, dtype=np.int64),
             class_names=list(class_names),
             rles=[],
+            decay_record=decay_record,
         )
 
     @property

@@ -159,15 +159,17 @@ def test_feature_rows_read_back_in_float16_and_a_torn_write_is_stepped_over(tmp_
     rows = FeatureFile(tmp_path / "features.f16", channels=4)
     first, second = torch.randn(3, 4), torch.randn(2, 4)
     assert rows.append(first) == 0 and rows.append(second) == 3
-    assert torch.equal(rows.read(0, 3), first.half()) and torch.equal(
-        rows.read(3, 2), second.half()
-    )
+    both, present = rows.read_many([(0, 3), (3, 2)])  # back to back: one read
+    assert present == [True, True] and torch.equal(both, torch.cat([first, second]).half())
     with open(rows.path, "ab") as handle:
         handle.write(b"torn")  # half a row from a write that stopped
     third = torch.randn(1, 4)
     assert rows.append(third) == 6
-    assert torch.equal(FeatureFile(rows.path, 4).read(6, 1), third.half())
-    assert rows.read(6, 2) is None  # rows the file does not hold
+    found, present = FeatureFile(rows.path, 4).read_many([(6, 2), (6, 1), (1, 1)])
+    assert present == [False, True, True]  # the file does not hold a second row at 6
+    assert torch.equal(found, torch.cat([third, first[1:2]]).half())
+    rows.path.unlink()
+    assert rows.read_many([(0, 3)])[1] == [False]
 
 
 def test_an_entrys_checksum_is_read_from_its_header():
@@ -200,9 +202,9 @@ def test_the_negatives_screen_on_float16_features_decides_as_full_precision_woul
     features = F.normalize(weights @ anchors + 0.05 * unit(20000, channels), dim=1)
 
     screen = NegativesScreen.of(prototypes, negatives, labels, added, sigma)
-    as_images = list(features.split(1))
-    full = screen.unchanged(as_images)
-    half = screen.unchanged([f.half() for f in as_images])
+    one_per_image = [1] * len(features)
+    full = screen.unchanged(features, one_per_image)
+    half = screen.unchanged(features.half(), one_per_image)
     before = assign_classes(
         scores_with_negatives(features, prototypes, negatives[~added], labels[~added], sigma)
     )

@@ -218,7 +218,7 @@ def test_a_new_negative_changes_scores_only_above_the_prototype_and_older_negati
         negatives, labels = torch.cat([old, new]), torch.tensor([0, 0])
         added = torch.tensor([False, True])
         screen = NegativesScreen.of(prototypes, negatives, labels, added, 0.8)
-        (unchanged,) = screen.unchanged([f])
+        (unchanged,) = screen.unchanged(f, [1])
         before = scores_with_negatives(f, prototypes, old, labels[:1], 0.8)
         after = scores_with_negatives(f, prototypes, negatives, labels, 0.8)
         return unchanged, before, after
@@ -242,8 +242,10 @@ def test_the_negatives_screen_judges_each_image_of_a_batch_on_its_own_proposals(
     far = torch.tensor([[0.0, 1.0]])  # 0.8 < 1.0
     near = torch.tensor([[0.0, 1.0], [0.6, 0.8]])
     empty = torch.zeros(0, 2)
-    assert screen.unchanged([far, near, empty, far]) == [True, False, True, True]
-    assert screen.unchanged([]) == []
+    images = [far, near, empty, far]
+    verdicts = screen.unchanged(torch.cat(images), [len(image) for image in images])
+    assert verdicts == [True, False, True, True]
+    assert screen.unchanged(torch.zeros(0, 2), []) == []
 
 
 def test_a_new_negative_of_a_class_below_a_proposals_best_changes_nothing():
@@ -259,10 +261,10 @@ def test_a_new_negative_of_a_class_below_a_proposals_best_changes_nothing():
     assert [t.tolist() for t in assign_classes(before)] == [
         t.tolist() for t in assign_classes(after)
     ]
-    assert screen.unchanged([f]) == [True]
+    assert screen.unchanged(f, [1]) == [True]
     # Class 1 within the margin of the best: counted as changed.
     tie = F.normalize(torch.tensor([[1.0, 1.0 - 1e-5]]), dim=1)
-    assert screen.unchanged([tie]) == [False]
+    assert screen.unchanged(tie, [1]) == [False]
 
 
 def test_a_new_negative_cannot_lower_a_class_score_of_zero():
@@ -273,5 +275,5 @@ def test_a_new_negative_cannot_lower_a_class_score_of_zero():
     screen = NegativesScreen.of(prototypes, negatives, labels, torch.tensor([True]), 0.8)
     before = scores_with_negatives(f, prototypes, negatives[:0], labels[:0], 0.8)
     assert torch.equal(before, scores_with_negatives(f, prototypes, negatives, labels, 0.8))
-    assert screen.unchanged([f]) == [True]
-    assert screen.unchanged([F.normalize(torch.tensor([[1e-3, 1.0]]), dim=1)]) == [False]
+    assert screen.unchanged(f, [1]) == [True]
+    assert screen.unchanged(F.normalize(torch.tensor([[1e-3, 1.0]]), dim=1), [1]) == [False]
