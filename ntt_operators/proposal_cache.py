@@ -3,7 +3,8 @@
 One entry per (dataset, proposal-shaping configuration, sample): the configuration is
 ``ntt_core.cache.proposal_identity``, the value the engine's bytes (``proposals_to_bytes``).
 Small stamp documents beside them record, per label field, what each sample was last scored
-from (``api.rescore``); replacing an entry drops its stamps.
+from (``api.rescore``) and what that scoring decided from the masks (``DecayRecord``, so that
+the next re-score can leave them alone); replacing an entry drops its stamps.
 
 Not FiftyOne's ExecutionStore: the App server polls that store and sends every changed value to
 the App as JSON, and it cannot encode bytes, so each poll failed and started over (hundreds of
@@ -28,7 +29,7 @@ import fiftyone as fo
 import fiftyone.core.odm as foo_odm
 import torch
 from bson import ObjectId
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 from pymongo.collection import Collection
 
 from ntt_core import NTTConfig
@@ -39,6 +40,7 @@ from ntt_core.cache import (
     entry_checksum,
     proposal_identity,
 )
+from ntt_core.decay_record import DecayRecord
 from ntt_core.registry import cache_dir
 
 COLLECTION = "ntt_proposal_cache"
@@ -87,17 +89,22 @@ class ProposalCache:
 
     def screening_features(
         self, keys: Sequence[str], checksums: dict[str, str | None]
-    ) -> dict[str, torch.Tensor]:
-        """The (P, C) float16 features of the entries of ``keys`` made for the image whose
-        checksum ``checksums`` gives, read from their rows only."""
-        features = {}
-        for key, row in self._feature_rows(keys).items():
-            if row["checksum"] != checksums.get(key):
-                continue  # the image changed since: its entry will be recomputed
-            found = self._file(row["channels"]).read(row["start"], row["count"])
-            if found is not None:
-                features[key] = found
-        return features
+    ) -> tuple[list[str], torch.Tensor, list[int]]:
+        """The float16 features of the entries of ``keys`` made for the image whose checksum
+        ``checksums`` gives, read from their rows only: the keys found, in the order of
+        ``keys``, their proposals' rows stacked (R, C), and how many rows each has. The rows
+        are valid until the next call (``FeatureFile.read_many``)."""
+        found = self._feature_rows(keys)
+        valid = [
+            key for key in keys if key in found and found[key]["checksum"] == checksums.get(key)
+        ]  # an image changed since its entry was made is proposed again
+        if not valid:
+            return [], torch.zeros(0, 0, dtype=torch.float16), []
+        spans = [(found[key]["start"], found[key]["count"]) for key in valid]
+        # One configuration, one encoder: every row of it has the same size.
+        rows, present = self._file(found[valid[0]]["channels"]).read_many(spans)
+        counts = [count for (_, count), ok in zip(spans, present) if ok]
+        return [key for key, ok in zip(valid, present) if ok], rows, counts
 
     def _feature_rows(self, keys: Sequence[str]) -> dict[str, dict]:
         cursor = self._rows.find(
@@ -125,12 +132,27 @@ class ProposalCache:
         return self._files[channels]
 
     def stamps(self, keys: Sequence[str], field: str) -> dict[str, dict]:
-        """The stamps of ``keys`` for ``field``: {sample id: {"epoch", "state"}}."""
+        """The stamps of ``keys`` for ``field``: {sample id: {"epoch", "state", "record"}},
+        each key where recorded (``record``: the bytes of the last scoring's ``DecayRecord``)."""
         cursor = self._stamps.find(
             {**self._query, "field": field, "sample_id": {"$in": list(keys)}},
-            {"sample_id": 1, "epoch": 1, "state": 1, "_id": 0},
+            {"sample_id": 1, "epoch": 1, "state": 1, "record": 1, "_id": 0},
         )
         return {doc.pop("sample_id"): doc for doc in cursor}
+
+    def save_records(self, field: str, records: dict[str, bytes]) -> None:
+        """Keeps each sample's ``DecayRecord`` bytes beside its stamp for ``field``. Unlike a
+        stamp, a record needs no completed run to be trusted: it is checked where it is used."""
+        if records:
+            updates = [
+                UpdateOne(
+                    {**self._query, "field": field, "sample_id": key},
+                    {"$set": {"record": value}},
+                    upsert=True,
+                )
+                for key, value in records.items()
+            ]
+            self._stamps.bulk_write(updates, ordered=False)
 
     def stamp(self, keys: Sequence[str], field: str, stamp: dict, batch_size: int = 5000) -> None:
         """Records, for the samples ``keys``, what ``field`` was last scored from (a run's epoch
@@ -180,6 +202,11 @@ class Prefetched:
 
     def set(self, key: str, value: bytes) -> None:
         self.cache.set(key, value)
+
+    def record(self, key: str) -> DecayRecord | None:
+        """The ``DecayRecord`` of the sample's last scoring into the stamped field, if kept."""
+        blob = self.stamps.get(key, {}).get("record")
+        return DecayRecord.from_bytes(bytes(blob)) if blob else None
 
 
 def cached_proposal_count(dataset: fo.Dataset) -> int:

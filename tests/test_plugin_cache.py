@@ -11,14 +11,16 @@ import torch
 from fiftyone.factory.repos.execution_store import MongoExecutionStoreRepo
 from fiftyone.operators.delegated import DelegatedOperationService
 
-from ntt_core import NTTConfig
+from ntt_core import NTTConfig, NTTPredictor
 from ntt_core.cache import cached_features, file_checksum, proposal_identity
 from ntt_core.registry import cache_dir
 from ntt_operators import api
 from ntt_operators.api import PluginInputError
+from ntt_operators.api.segment import _read_ahead
 from ntt_operators.proposal_cache import (
     COLLECTION,
     FEATURE_ROWS,
+    STAMPS,
     ProposalCache,
     cached_proposal_count,
     clear_proposal_cache,
@@ -40,7 +42,7 @@ def run(name: str, view, delegated: bool = False, **params):
     return done.result
 
 
-def _predictions(dataset: fo.Dataset, field: str) -> list:
+def _predictions(dataset: fo.Dataset | fo.DatasetView, field: str) -> list:
     return [
         [
             (d.label, round(d.confidence, 6), d.bounding_box, d.mask.tolist())
@@ -179,17 +181,70 @@ def test_screening_reads_float16_rows_of_unchanged_images_only(scene_dataset, ru
     cache = ProposalCache(scene_dataset, TINY)
     ids, paths = scene_dataset.values(["id", "filepath"])
     checksums = {i: file_checksum(p) for i, p in zip(ids, paths)}
-    features = cache.screening_features(ids, checksums)
-    assert set(features) == set(ids)
-    for sample_id, blob in cache.get_many(ids).items():
-        full = cached_features(blob, checksums[sample_id], proposal_identity(TINY))
-        assert torch.equal(features[sample_id], full.half())
+    found, rows, counts = cache.screening_features(ids, checksums)
+    assert found == ids
+    blobs = cache.get_many(ids)
+    full = [cached_features(blobs[i], checksums[i], proposal_identity(TINY)) for i in ids]
+    assert counts == [len(f) for f in full]
+    assert torch.equal(rows, torch.cat(full).half())
 
     copy.write_bytes(copy.read_bytes() + b"re-encoded")
     checksums[ids[-1]] = file_checksum(copy)
-    assert set(cache.screening_features(ids, checksums)) == set(ids[:-1])
+    assert cache.screening_features(ids, checksums)[0] == ids[:-1]
 
     foo_odm.get_db_conn()[FEATURE_ROWS].delete_many({"dataset_id": scene_dataset._doc.id})
-    assert cache.screening_features(ids, checksums) == {}
+    assert cache.screening_features(ids, checksums)[0] == []
     cache.index_features(cache.get_many(ids[:2]))
-    assert set(cache.screening_features(ids, checksums)) == set(ids[:2])
+    assert cache.screening_features(ids, checksums)[0] == ids[:2]
+
+
+def test_a_rescore_reuses_each_samples_decay_record_and_writes_the_same_field(
+    scene_dataset, monkeypatch
+):
+    """The first run keeps, beside each sample's stamp, what its scoring decided from the masks
+    (``DecayRecord``). After an accepted prediction moves a prototype, the re-score leaves the
+    masks alone for the samples whose proposals keep their classes, and the field it leaves
+    equals a new field scored from the masks with the same bank."""
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    api.segment(scene_dataset, "bank", "pred", reuse_proposals=True)
+    targets = len(scene_dataset.match_tags("reference", bool=False))
+    kept = {"dataset_id": scene_dataset._doc.id, "field": "pred", "record": {"$exists": True}}
+    assert foo_odm.get_db_conn()[STAMPS].count_documents(kept) == targets
+
+    accepted = next(d for dets in scene_dataset.values("pred") if dets for d in dets.detections)
+    scene_dataset.select_labels(ids=[accepted.id]).tag_labels("reference", label_fields="pred")
+    api.update_memory_bank(scene_dataset, "bank", add_fields=["pred"])
+    from_masks = []
+    original = NTTPredictor._decay_record
+
+    def counted(self, *args):
+        from_masks.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(NTTPredictor, "_decay_record", counted)
+    out = api.segment(scene_dataset, "bank", "pred", reuse_proposals=True, rescore=True)
+    assert len(from_masks) < out["processed"]  # the accepted one's sample is a reference now
+
+    monkeypatch.setattr(NTTPredictor, "_decay_record", original)
+    api.segment(scene_dataset, "bank", "from_masks", reuse_proposals=True)
+    rescored = scene_dataset.exists("from_masks")
+    assert len(rescored) == out["processed"]
+    assert _predictions(rescored, "pred") == _predictions(rescored, "from_masks")
+
+
+def test_batches_read_ahead_in_two_threads_come_back_in_order(scene_dataset):
+    """The re-score reads two batches ahead, in two threads; one sample per batch here, so the
+    queue of pending reads turns over several times."""
+    api.sample_references(scene_dataset, "ground_truth", shots=1, seed=33)
+    api.build_memory_bank(scene_dataset, "ground_truth", "bank", config=TINY)
+    api.segment(scene_dataset, "bank", "pred", exclude_tag=None, reuse_proposals=True)
+    cache = ProposalCache(scene_dataset, TINY)
+    ids, paths = scene_dataset.values(["id", "filepath"])
+    timings = {"read_cache": 0.0, "screen": 0.0}
+    batches = list(_read_ahead(cache, ids, paths, timings, None, "pred", batch=1))
+    assert [keys for keys, *_ in batches] == [[i] for i in ids] and len(ids) > 3
+    for keys, batch_paths, store, kept in batches:
+        (key,) = keys
+        assert batch_paths == [paths[ids.index(key)]] and kept == set()
+        assert store.blobs == cache.get_many(keys) and store.record(key) is not None

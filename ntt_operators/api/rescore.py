@@ -15,12 +15,15 @@ stopped midway, or one that wrote the field without the cache, leaves no stamp t
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import fiftyone as fo
+import numpy as np
+import torch
 
 from ntt_core import MemoryBank, NTTConfig
 from ntt_core.cache import negatives_added_since, proposal_identity, scoring_state
@@ -49,6 +52,8 @@ class Screen:
     """The scoring's ``negative_sigma``."""
     screened: int = field(default=0, init=False)
     _since: dict = field(default_factory=dict, init=False)
+    _counting: threading.Lock = field(default_factory=threading.Lock, init=False)
+    """The screen runs in several reading threads at once."""
 
     def unchanged(
         self,
@@ -68,16 +73,22 @@ class Screen:
             if self._added(stamp.get("state")) is not None:
                 candidates.append(sample_id)
         # A stale or missing entry has no valid rows: its image is proposed again.
-        features = cache.screening_features(candidates, checksums)
-        by_state: dict[str, list[str]] = {}
-        for sample_id in candidates:
-            if sample_id in features:
-                by_state.setdefault(stamps[sample_id]["state"], []).append(sample_id)
+        found, rows, counts = cache.screening_features(candidates, checksums)
+        starts = np.cumsum([0, *counts])
+        by_state: dict[str, list[int]] = {}
+        for position, sample_id in enumerate(found):
+            by_state.setdefault(stamps[sample_id]["state"], []).append(position)
         kept = set()
-        for state, ids in by_state.items():
-            verdicts = self._added(state).unchanged([features[i] for i in ids])
-            kept.update(sample_id for sample_id, same in zip(ids, verdicts) if same)
-        self.screened += len(kept)
+        for state, positions in by_state.items():
+            if len(positions) == len(found):  # one state (the usual case): no copy
+                features, sizes = rows, counts
+            else:
+                features = torch.cat([rows[starts[p] : starts[p + 1]] for p in positions])
+                sizes = [counts[p] for p in positions]
+            verdicts = self._added(state).unchanged(features, sizes)
+            kept.update(found[p] for p, same in zip(positions, verdicts) if same)
+        with self._counting:
+            self.screened += len(kept)
         return kept
 
     def _added(self, state: str | None) -> NegativesScreen | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -406,18 +407,27 @@ def _predict_locally(
             yield sample_id, *outcome
         return
     screen = stamping.screen if stamping else None
-    stamped_field = stamping.label_field if screen else None
-    batches = _read_ahead(cache, sample_ids, filepaths, timings, screen, stamped_field)
+    label_field = stamping.label_field if stamping else None
+    batches = _read_ahead(cache, sample_ids, filepaths, timings, screen, label_field)
     for keys, paths, store, kept in batches:
+        records: dict[str, bytes] = {}
         for sample_id, filepath in zip(keys, paths):
             if sample_id in kept:
                 yield sample_id, UNCHANGED, None
                 continue
             cached = sample_id in store.blobs
             checksum = store.checksums.get(sample_id)
+            record = store.record(sample_id)
             with _timed(timings, "score"), _one_thread() if cached else contextlib.nullcontext():
-                outcome = predict_or_error(predictor, filepath, bank, store, sample_id, checksum)
+                outcome = predict_or_error(
+                    predictor, filepath, bank, store, sample_id, checksum, record
+                )
+            made = outcome[0].decay_record if outcome[0] is not None else None
+            if label_field and made is not None and made is not record:  # a new one
+                records[sample_id] = made.to_bytes()
             yield sample_id, *outcome
+        if label_field:
+            cache.save_records(label_field, records)
 
 
 def _read_ahead(
@@ -432,9 +442,9 @@ def _read_ahead(
     """The samples in batches, each with the cache in front of it and the samples ``screen``
     leaves unchanged. Per batch of ``batch`` samples: stamps (for ``stamped_field``), image
     checksums, the screen's verdicts, then the entries of the samples it did not clear; the
-    next batch is worked out in a thread while this one is scored (``timings["read_cache"]``
-    is the wait left, ``timings["screen"]`` the thread's screening). Hashing, reading and
-    matrix products release the GIL, so the thread works beside the scoring."""
+    next batches are worked out in threads while this one is scored (``timings["read_cache"]``
+    is the wait left, ``timings["screen"]`` the threads' screening). Hashing, reading and
+    matrix products release the GIL, so the threads work beside the scoring."""
     starts = range(0, len(sample_ids), batch)
     batches = [(sample_ids[i : i + batch], filepaths[i : i + batch]) for i in starts]
 
@@ -449,14 +459,20 @@ def _read_ahead(
         cache.index_features(blobs)  # entries cached before the float16 rows existed
         return Prefetched(cache, blobs, stamps, checksums), kept
 
-    with ThreadPoolExecutor(1, thread_name_prefix="ntt-cache-read") as reader:
-        pending = reader.submit(read, *batches[0]) if batches else None
+    # Two batches ahead, in two threads: while one waits on the disk or the database, the other
+    # screens (a new negative's round is all reading and screening).
+    with ThreadPoolExecutor(_READERS, thread_name_prefix="ntt-cache-read") as reader:
+        pending = deque(reader.submit(read, *b) for b in batches[:_READERS])
         for index, (keys, paths) in enumerate(batches):
             with _timed(timings, "read_cache"):
-                store, kept = pending.result()
-            if index + 1 < len(batches):
-                pending = reader.submit(read, *batches[index + 1])
+                store, kept = pending.popleft().result()
+            if index + _READERS < len(batches):
+                pending.append(reader.submit(read, *batches[index + _READERS]))
             yield keys, paths, store, kept
+
+
+_READERS = 2
+"""Batches read ahead at once, each in its own thread."""
 
 
 def _checksum_or_none(path: str) -> str | None:
