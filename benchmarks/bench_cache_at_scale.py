@@ -21,8 +21,9 @@ plugin's re-score runs, with the previous run's screen): a new negative (a look-
 proposal), a new reference, an accepted prediction (an object proposal's own feature). Printed
 per case: read / screen / score seconds, samples screened out, peak RSS of the round, and the
 cache's size on disk. ``--score-limit N`` stops a case after N scored samples and extrapolates
-(said in the output). Comparing and writing labels is not part of this benchmark:
-``bench_correction_round.py`` runs the plugin end to end.
+(said in the output). ``--cold`` empties the operating system's file cache before each case
+(needs root), so that the rows are read from the disk. Comparing and writing labels is not
+part of this benchmark: ``bench_correction_round.py`` runs the plugin end to end.
 """
 
 from __future__ import annotations
@@ -121,10 +122,12 @@ def main() -> None:
     world = World()
     dataset = _dataset(args.samples)
     try:
-        kinds = _fill_cache(dataset, config, world, args.proposals)
-        _report_size(dataset)
         bank = _bank(world, config)
+        kinds = _fill_cache(dataset, config, world, args.proposals, bank)
+        _report_size(dataset)
         for case, changed in _cases(bank, kinds, world).items():
+            if args.cold:
+                _drop_file_cache()
             _round(dataset, config, bank, changed, case, args.score_limit)
     finally:
         dataset.delete()
@@ -144,19 +147,33 @@ def _dataset(samples: int) -> fo.Dataset:
 
 
 def _fill_cache(
-    dataset: fo.Dataset, config: NTTConfig, world: World, count: int
+    dataset: fo.Dataset, config: NTTConfig, world: World, count: int, bank: MemoryBank
 ) -> dict[str, tuple[np.ndarray, int]]:
+    """Caches every image's proposals, and scores them with ``bank`` as the first round does:
+    each scoring's ``DecayRecord`` is kept beside its stamp, for the next re-score."""
     from ntt_core.cache import file_checksum
 
     cache, identity = ProposalCache(dataset, config), proposal_identity(config)
-    start, kinds = time.perf_counter(), {}
+    predictor = NTTPredictor(config, load=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the plugin scores cached proposals
+    start, kinds, records, scoring = time.perf_counter(), {}, {}, 0.0
     for sample_id, path in zip(*dataset.values(["id", "filepath"])):
         proposals, found = world.proposals(count)
         kinds = {**found, **kinds}  # the first image's, where it has that kind
         cache.set(sample_id, proposals_to_bytes(proposals, file_checksum(path), identity))
+        scored = time.perf_counter()
+        records[sample_id] = predictor.score(proposals, bank).decay_record.to_bytes()
+        scoring += time.perf_counter() - scored
+        if len(records) == 500:
+            cache.save_records(FIELD, records)
+            records = {}
+    cache.save_records(FIELD, records)
+    torch.set_num_threads(threads)
     print(
         f"wrote {len(dataset)} entries of {count} proposals x {CHANNELS}-d through the cache "
-        f"in {time.perf_counter() - start:.1f} s ({_load()})",
+        f"and scored them ({scoring:.1f} s of it) in {time.perf_counter() - start:.1f} s "
+        f"({_load()})",
         flush=True,
     )
     return kinds
@@ -240,14 +257,15 @@ def _round(
     load_before, start = _load(), time.perf_counter()
     done = scored = 0
     results = _predict_locally(predictor, after, sample_ids, paths, cache, timings, stamping)
-    for _, result, error in results:
-        assert error is None, error
-        done += 1
-        scored += result is not UNCHANGED
-        if score_limit and scored >= score_limit:
-            break
-    seconds = time.perf_counter() - start
-    results.close()
+    with _Calls(NTTPredictor, "_decay_record") as full_scorings:
+        for _, result, error in results:
+            assert error is None, error
+            done += 1
+            scored += result is not UNCHANGED
+            if score_limit and scored >= score_limit:
+                break
+        seconds = time.perf_counter() - start
+        results.close()
     extrapolated = ""
     if done < len(sample_ids):
         factor = len(sample_ids) / done
@@ -255,7 +273,8 @@ def _round(
     parts = ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
     print(
         f"{case}: {seconds:.2f} s over {done} samples ({parts}); screened out "
-        f"{done - scored}, scored {scored}; peak RSS {_peak_rss_gb():.2f} GB{extrapolated}\n"
+        f"{done - scored}, scored {scored} ({full_scorings.count} of them from the masks, the "
+        f"others from their records); peak RSS {_peak_rss_gb():.2f} GB{extrapolated}\n"
         f"  load before: {load_before}; after: {_load()}",
         flush=True,
     )
@@ -274,6 +293,30 @@ def _report_size(dataset: fo.Dataset) -> None:
         f"holds {files / 1e9:.2f} GB",
         flush=True,
     )
+
+
+class _Calls:
+    """Counts the calls of ``owner.name`` inside ``with`` (full scorings: ``_decay_record``)."""
+
+    def __init__(self, owner: type, name: str) -> None:
+        self.owner, self.name, self.count = owner, name, 0
+        self.original = getattr(owner, name)
+
+    def __enter__(self) -> _Calls:
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self.original(*args, **kwargs)
+
+        setattr(self.owner, self.name, counted)
+        return self
+
+    def __exit__(self, *_) -> None:
+        setattr(self.owner, self.name, self.original)
+
+
+def _drop_file_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
 def _reset_peak_rss() -> None:
@@ -298,6 +341,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--proposals", type=int, default=300)
     parser.add_argument("--score-limit", type=int, default=None)
+    parser.add_argument("--cold", action="store_true", help="read from the disk (root)")
     return parser.parse_args()
 
 
