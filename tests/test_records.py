@@ -5,6 +5,7 @@ from __future__ import annotations
 import fiftyone as fo
 import fiftyone.core.dataset as fod
 import pytest
+from bson import json_util
 from fiftyone.core.odm.runs import RunDocument
 
 from ntt_operators.api.records import (
@@ -137,3 +138,37 @@ def test_a_run_whose_document_a_reload_freed_is_registered_again(dataset, monkey
     reloads.clear()
     register_run(dataset, "ntt_run", config, overwrite=True)
     assert "ntt_run" in dataset.list_runs()
+
+
+def replace_results_elsewhere(dataset: fo.Dataset, key: str, **values) -> None:
+    """What the round's thread does while a panel render reads: it replaces the run's results
+    file (delete, then put) on its own copy of the run document, so the object's copy names a
+    file that is gone."""
+    mine = dataset._doc.runs[key]
+    theirs = RunDocument.objects.get(pk=mine.pk)
+    theirs.results.delete()
+    results = dataset.init_run_results(key, **values)
+    theirs.results.put(
+        json_util.dumps(results.serialize()).encode(), content_type="application/json"
+    )
+    theirs.save()
+
+
+@pytest.fixture
+def saved_run(dataset):
+    register_run(dataset, "ntt_run", dataset.init_run(method="ntt_test"), overwrite=True)
+    save_results(dataset, "ntt_run", status="running")
+    return "ntt_run"
+
+
+def test_results_replaced_under_a_reader_are_read_again(dataset, saved_run):
+    replace_results_elsewhere(dataset, saved_run, status="completed")
+    assert load_results(dataset, saved_run).status == "completed"
+
+
+def test_fiftyone_alone_fails_on_results_replaced_under_it(dataset, saved_run):
+    """mongoengine's GridFS proxy answers a read of a deleted file with "", which FiftyOne
+    then decodes: the error the App showed in a panel render during round 2."""
+    replace_results_elsewhere(dataset, saved_run, status="completed")
+    with pytest.raises(AttributeError, match="no attribute 'decode'"):
+        dataset.load_run_results(saved_run, cache=False, load_view=False)

@@ -5,7 +5,8 @@ The App server keeps one object per dataset and reloads it from other threads wh
 runs (it polls the database and reloads a dataset that changed, and each App request loads it).
 A reload that read the database just before a write, and lands after, leaves the object without
 what was just written: FiftyOne then refuses a run or a field the database holds ("Dataset has no
-run key ...", "non-existent sample field ..."), or a save writes nothing. Every such record of
+run key ...", "non-existent sample field ..."), or a save writes nothing. A reader's copy of a
+run can also name a results file that the writing thread has just replaced. Every such record of
 the plugin goes through here, which checks, reloads and tries again.
 """
 
@@ -27,17 +28,20 @@ def _root(collection: Collection) -> fo.Dataset:
     return collection if isinstance(collection, fo.Dataset) else collection._root_dataset
 
 
-STALE = ("has no run key", "non-existent sample field")
-"""How FiftyOne refuses a run or a field that the object lost to a reload."""
+STALE = ("has no run key", "non-existent sample field", "'str' object has no attribute 'decode'")
+"""How FiftyOne refuses a run or a field that the object lost to a reload, and how it fails to
+read run results that another thread replaced since the object read their file's id
+(mongoengine's GridFS proxy answers a read of the deleted file with "")."""
 
 
 def on_current_object(dataset: fo.Dataset, call: Callable[[], T]) -> T:
-    """``call()``; where FiftyOne refuses a run or field the object lost to a reload, the object
-    is reloaded from the database and the call tried again."""
+    """``call()``; where FiftyOne refuses a run or field the object lost to a reload, or reads
+    results replaced under it, the object is reloaded from the database and the call tried
+    again."""
     for attempt in range(TRIES):
         try:
             return call()
-        except (ValueError, ReferenceError) as error:
+        except (ValueError, ReferenceError, AttributeError) as error:
             # ReferenceError: the reload freed the document FiftyOne was changing.
             stale = isinstance(error, ReferenceError) or any(s in str(error) for s in STALE)
             if not stale or attempt == TRIES - 1:
