@@ -135,7 +135,7 @@ def cached_features(blob: bytes, checksum: str, identity: str) -> torch.Tensor |
     read straight from the bytes: the masks are not unpacked."""
     try:
         layout, _ = _valid_layout(blob, checksum, identity)
-        if layout is None or layout["features"]["dtype"] != "F32":
+        if layout is None:
             return None
         return torch.from_numpy(_array(blob, layout, "features", "<f4").copy())
     except Exception:
@@ -151,7 +151,7 @@ def cached_features_and_counts(
     ``Proposals`` (None as ``proposals_from_bytes``)."""
     try:
         layout, header = _valid_layout(blob, checksum, identity)
-        if layout is None or layout["features"]["dtype"] != "F32":
+        if layout is None:
             return None
         features = _array(blob, layout, "features", "<f4")
         counts = _array(blob, layout, "rle_counts", "u1").tobytes()

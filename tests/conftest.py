@@ -63,12 +63,10 @@ def scene_files(run_dir):
     return scenes
 
 
-@pytest.fixture
-def scene_dataset(scene_files):
-    """A fresh dataset of the scenes with ``ground_truth`` instance masks and metadata."""
+def add_scenes(dataset, scene_files) -> None:
+    """Adds the scenes to ``dataset`` with ``ground_truth`` instance masks, and their metadata."""
     import fiftyone as fo
 
-    dataset = fo.Dataset()
     dataset.add_samples(
         fo.Sample(
             filepath=path,
@@ -79,6 +77,15 @@ def scene_dataset(scene_files):
         for path, instances in scene_files
     )
     dataset.compute_metadata()
+
+
+@pytest.fixture
+def scene_dataset(scene_files):
+    """A fresh dataset of the scenes with ``ground_truth`` instance masks and metadata."""
+    import fiftyone as fo
+
+    dataset = fo.Dataset()
+    add_scenes(dataset, scene_files)
     yield dataset
     if not dataset.deleted:  # a test may delete it to check what goes with it
         dataset.delete()

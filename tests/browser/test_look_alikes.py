@@ -37,6 +37,7 @@ from ntt_operators import api
 from ntt_operators.labels import prediction_ids
 from ntt_operators.proposal_cache import ProposalCache
 
+from ..conftest import add_scenes
 from .conftest import RUN_TIMEOUT_MS, persistent_dataset
 
 DATASET = "ntt-browser-look-alikes"
@@ -53,16 +54,7 @@ pytestmark = [
 def dataset(scene_files):
     """The scenes segmented with proposals cached, the predictions evaluated."""
     dataset = persistent_dataset(DATASET)
-    dataset.add_samples(
-        fo.Sample(
-            filepath=path,
-            ground_truth=fo.Detections(
-                detections=[fo.Detection.from_mask(i.mask, label=i.label) for i in instances]
-            ),
-        )
-        for path, instances in scene_files
-    )
-    dataset.compute_metadata()
+    add_scenes(dataset, scene_files)
     api.sample_references(dataset, "ground_truth", shots=1, seed=33)
     api.build_memory_bank(dataset, "ground_truth", "bank", config=TINY)
     api.segment(dataset, "bank", PREDICTIONS, reuse_proposals=True)
